@@ -1,0 +1,5 @@
+"""The MS loss family as PML losses."""
+
+from .ms import MSLoss, MultiSimilarityLoss
+
+__all__ = ["MSLoss", "MultiSimilarityLoss"]

@@ -1,0 +1,48 @@
+"""``MultiSimilarityMiner``: PML's MS miner, same pairs, without sorting."""
+
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.miners import BaseMiner
+
+from . import _checks
+from . import functional as F_ms
+
+
+class MultiSimilarityMiner(BaseMiner):
+    """The MS paper's hard-pair mining, as a PML miner.
+
+    For each anchor, with ``S`` in similarity orientation (``-distance`` for
+    ``LpDistance``), keeps the positives with ``S - epsilon < max_neg`` and the
+    negatives with ``S + epsilon > min_pos``, where ``max_neg`` / ``min_pos`` are
+    the anchor's hardest negative / positive similarity. One pass over the
+    ``(B, M)`` block; no sorting. Returns the same set of pairs as PML's
+    ``MultiSimilarityMiner`` as ``(a1, p, a2, n)`` long tensors, ordered by
+    anchor then reference.
+
+    Args:
+        epsilon: the mining margin (>= 0).
+        **kwargs: PML's ``distance`` (default ``CosineSimilarity``), ``collect_stats``.
+    """
+
+    def __init__(self, epsilon: float = 0.1, **kwargs):
+        _checks.non_negative("epsilon", epsilon)
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.add_to_recordable_attributes(name="epsilon", is_stat=False)
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        mat = self.distance(embeddings, ref_emb)
+        S = mat if self.distance.is_inverted else -mat
+        self_index = None
+        if embeddings is ref_emb:
+            self_index = torch.arange(len(embeddings), device=embeddings.device)
+        pos, neg = F_ms.pair_masks(labels, ref_labels.to(labels.device), self_index)
+        pos, neg = F_ms.mine_hard_pairs(S, pos, neg, self.epsilon)
+        a1, p = torch.where(pos)
+        a2, n = torch.where(neg)
+        return a1, p, a2, n
+
+    def get_default_distance(self):
+        return CosineSimilarity()
