@@ -1,0 +1,354 @@
+"""MSLoss against PML's MultiSimilarityLoss, hand-written loops, and bad input."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_batch, skip_if_half_unsupported, tolerances
+from pytorch_metric_learning import distances as pml_distances
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+from pytorch_metric_learning import reducers as pml_reducers
+
+from pml_ms_plus import functional as F_ms
+from pml_ms_plus import losses, miners
+
+DISTANCES = {
+    "cosine": lambda: pml_distances.CosineSimilarity(),
+    "dot": lambda: pml_distances.DotProductSimilarity(),
+    "lp": lambda: pml_distances.LpDistance(),
+    "lp_raw": lambda: pml_distances.LpDistance(normalize_embeddings=False),
+}
+
+REDUCERS = {
+    "mean": lambda: pml_reducers.MeanReducer(),
+    "avg_non_zero": lambda: pml_reducers.AvgNonZeroReducer(),
+    "sum": lambda: pml_reducers.SumReducer(),
+    "threshold": lambda: pml_reducers.ThresholdReducer(low=0.05, high=3.0),
+    "per_anchor": lambda: pml_reducers.PerAnchorReducer(),
+    "class_weighted": lambda: pml_reducers.ClassWeightedReducer(torch.linspace(0.5, 2.0, 6)),
+}
+
+TUPLES = ["all_pairs", "ms_miner", "pair_margin_miner", "triplets"]
+
+
+def pml_tuple(kind, distance, x, y, ref=None, ref_y=None):
+    if kind == "all_pairs":
+        return None
+    if kind == "ms_miner":
+        miner = pml_miners.MultiSimilarityMiner(0.1, distance=distance)
+    elif kind == "pair_margin_miner":
+        miner = pml_miners.PairMarginMiner(pos_margin=0.2, neg_margin=0.8, distance=distance)
+    else:
+        miner = pml_miners.TripletMarginMiner(margin=0.3, type_of_triplets="all", distance=distance)
+    return miner(x, y, ref, ref_y)
+
+
+def value_and_grads(loss_fn, inputs, *args):
+    value = loss_fn(*args)
+    grads = torch.autograd.grad(value, inputs, allow_unused=True)
+    return value.detach(), grads
+
+
+def assert_close(a, b, dtype):
+    rtol, atol = tolerances(dtype)
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("use_ref", [False, True])
+@pytest.mark.parametrize("kind", TUPLES)
+@pytest.mark.parametrize("dist", list(DISTANCES))
+def test_parity_with_pml_over_distances_and_tuples(device, dtype, use_ref, kind, dist):
+    skip_if_half_unsupported(device, dtype)
+    seed = hash((dist, kind, use_ref)) % 1000
+    x, y = make_batch(seed, device=device, dtype=dtype)
+    ref, ref_y = (make_batch(seed + 1, n=24, device=device, dtype=dtype) if use_ref else (None, None))
+    inputs = (x, ref) if use_ref else (x,)
+    tup = pml_tuple(kind, DISTANCES[dist](), x.detach(), y, None if ref is None else ref.detach(), ref_y)
+    expected, g_expected = value_and_grads(
+        pml_losses.MultiSimilarityLoss(distance=DISTANCES[dist]()), inputs, x, y, tup, ref, ref_y
+    )
+    got, g_got = value_and_grads(losses.MSLoss(distance=DISTANCES[dist]()), inputs, x, y, tup, ref, ref_y)
+    assert got.dtype == expected.dtype
+    assert_close(got, expected, dtype)
+    for a, b in zip(g_got, g_expected):
+        assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", TUPLES)
+@pytest.mark.parametrize("reducer", list(REDUCERS))
+@pytest.mark.parametrize("dist", ["cosine", "lp"])
+def test_parity_with_pml_over_reducers(device, dtype, kind, reducer, dist):
+    x, y = make_batch(7, device=device, dtype=dtype)
+    tup = pml_tuple(kind, DISTANCES[dist](), x.detach(), y)
+    kw = lambda: dict(distance=DISTANCES[dist](), reducer=REDUCERS[reducer]())  # noqa: E731
+    pml_loss = pml_losses.MultiSimilarityLoss(**kw())
+    if reducer == "class_weighted":
+        # PML's MS loss emits (B, 1) element losses, which its ClassWeightedReducer
+        # broadcasts against (B,) weights: mean(l) * mean(w). The intended reduction,
+        # mean_i(l_i * w[y_i]), is computed here from PML's per-anchor losses.
+        weights = torch.linspace(0.5, 2.0, 6).to(device=device, dtype=dtype)
+        pml_loss = pml_losses.MultiSimilarityLoss(
+            distance=DISTANCES[dist](), reducer=pml_reducers.DoNothingReducer()
+        )
+
+        def per_class(*args):
+            per_anchor = pml_loss(*args)["loss"]["losses"].reshape(-1)
+            return (per_anchor * weights[y]).mean()
+
+        expected, (g_expected,) = value_and_grads(per_class, (x,), x, y, tup)
+    else:
+        expected, (g_expected,) = value_and_grads(pml_loss, (x,), x, y, tup)
+    got, (g_got,) = value_and_grads(losses.MSLoss(**kw()), (x,), x, y, tup)
+    assert_close(got, expected, dtype)
+    assert_close(g_got, g_expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("use_ref", [False, True])
+@pytest.mark.parametrize("dist", list(DISTANCES))
+def test_fused_mining_equals_miner_then_loss(device, dtype, use_ref, dist):
+    skip_if_half_unsupported(device, dtype)
+    x, y = make_batch(11, device=device, dtype=dtype)
+    ref, ref_y = (make_batch(12, n=40, device=device, dtype=dtype) if use_ref else (None, None))
+    inputs = (x, ref) if use_ref else (x,)
+    xd, rd = x.detach(), None if ref is None else ref.detach()
+    pml_pairs = pml_miners.MultiSimilarityMiner(0.1, distance=DISTANCES[dist]())(xd, y, rd, ref_y)
+    our_pairs = miners.MultiSimilarityMiner(0.1, distance=DISTANCES[dist]())(xd, y, rd, ref_y)
+    pml_value, pml_grads = value_and_grads(
+        pml_losses.MultiSimilarityLoss(distance=DISTANCES[dist]()), inputs, x, y, pml_pairs, ref, ref_y
+    )
+    two_step, two_grads = value_and_grads(
+        losses.MSLoss(distance=DISTANCES[dist]()), inputs, x, y, our_pairs, ref, ref_y
+    )
+    fused, fused_grads = value_and_grads(
+        losses.MSLoss(epsilon=0.1, distance=DISTANCES[dist]()), inputs, x, y, None, ref, ref_y
+    )
+    for value, grads in ((two_step, two_grads), (fused, fused_grads)):
+        assert_close(value, pml_value, dtype)
+        for a, b in zip(grads, pml_grads):
+            assert_close(a, b, dtype)
+
+
+def paper_loop(feats, labels, epsilon=0.1, alpha=2.0, beta=50.0, base=0.5):
+    """The MS paper's per-anchor loop, written out by hand."""
+    feats = torch.nn.functional.normalize(feats, dim=1)
+    sim = feats @ feats.T
+    total = feats.new_zeros(())
+    n = len(labels)
+    for i in range(n):
+        same = (labels == labels[i]).clone()
+        same[i] = False
+        pos_all = sim[i][same]
+        neg_all = sim[i][labels != labels[i]]
+        if len(pos_all) == 0 or len(neg_all) == 0:
+            continue
+        neg = neg_all[neg_all + epsilon > torch.min(pos_all)]
+        pos = pos_all[pos_all - epsilon < torch.max(neg_all)]
+        if len(neg) < 1 or len(pos) < 1:
+            continue
+        pos_loss = 1.0 / alpha * torch.log(1 + torch.sum(torch.exp(-alpha * (pos - base))))
+        neg_loss = 1.0 / beta * torch.log(1 + torch.sum(torch.exp(beta * (neg - base))))
+        total = total + pos_loss + neg_loss
+    return total / n
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_against_the_papers_loop(device, seed):
+    x, y = make_batch(100 + seed, n=40, classes=8, device=device, dtype=torch.float64)
+    expected, (g_expected,) = value_and_grads(paper_loop, (x,), x, y)
+    got, (g_got,) = value_and_grads(losses.MSLoss(epsilon=0.1), (x,), x, y)
+    assert_close(got, expected, torch.float64)
+    assert_close(g_got, g_expected, torch.float64)
+
+
+def by_hand(S, labels, weighting, alpha=2.0, beta=50.0, lam=0.5):
+    """Per-anchor losses of the three GPW modes, one anchor and one pair at a time."""
+    out = []
+    n = len(labels)
+    for i in range(n):
+        pos = [S[i][j] for j in range(n) if j != i and labels[j] == labels[i]]
+        neg = [S[i][j] for j in range(n) if labels[j] != labels[i]]
+        zp = [alpha * (lam - s) for s in pos]
+        zn = [beta * (s - lam) for s in neg]
+        if weighting == "self":
+            value = sum(math.log1p(math.exp(z)) for z in zp) / alpha
+            value += sum(math.log1p(math.exp(z)) for z in zn) / beta
+        else:
+            value = 0.0
+            if zp:
+                value += math.log(sum(math.exp(z) for z in zp)) / alpha
+            if zn:
+                value += math.log(sum(math.exp(z) for z in zn)) / beta
+        out.append(value)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("weighting", ["self", "relative"])
+def test_gpw_modes_by_hand(device, weighting):
+    # one class with a single member: that anchor has no positives
+    labels = torch.tensor([0, 0, 1, 1, 1, 2], device=device)
+    x, _ = make_batch(5, n=6, dim=4, device=device, dtype=torch.float64)
+    loss_fn = losses.MSLoss(weighting=weighting, reducer=pml_reducers.DoNothingReducer())
+    got = loss_fn(x, labels)["loss"]["losses"]
+    S = torch.nn.functional.normalize(x.detach(), dim=1) @ torch.nn.functional.normalize(x.detach(), dim=1).T
+    expected = by_hand(S.cpu().tolist(), labels.cpu().tolist(), weighting).to(device)
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+def test_pair_weights_are_the_loss_derivative(device, weighting, epsilon):
+    x, y = make_batch(3, n=24, device=device, dtype=torch.float64)
+    S = (torch.nn.functional.normalize(x.detach(), dim=1) @ torch.nn.functional.normalize(x.detach(), dim=1).T)
+    S.requires_grad_(True)
+    pos, neg = F_ms.pair_masks(y)
+    kw = dict(weighting=weighting, epsilon=epsilon)
+    per_anchor = F_ms.ms_anchor_losses(S, pos, neg, **kw)
+    (dS,) = torch.autograd.grad(per_anchor.sum(), S)
+    w_pos, w_neg = F_ms.pair_weights(S.detach(), pos, neg, **kw)
+    assert (w_pos >= 0).all() and (w_neg >= 0).all()
+    torch.testing.assert_close(dS, w_neg - w_pos, rtol=1e-10, atol=1e-12)
+    # the loss method builds the same matrices from embeddings
+    mw_pos, mw_neg = losses.MSLoss(**kw).pair_weights(x.detach(), y)
+    torch.testing.assert_close(mw_pos, w_pos)
+    torch.testing.assert_close(mw_neg, w_neg)
+
+
+@pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
+def test_stats(device, weighting):
+    x, y = make_batch(21, device=device)
+    loss_fn = losses.MSLoss(epsilon=0.1, weighting=weighting, collect_stats=True)
+    value = loss_fn(x, y)
+    a1, p, a2, n = miners.MultiSimilarityMiner(0.1)(x.detach(), y)
+    assert loss_fn.num_pos_pairs == len(a1) > 0
+    assert loss_fn.num_neg_pairs == len(a2) > 0
+    per_anchor = losses.MSLoss(epsilon=0.1, weighting=weighting, reducer=pml_reducers.DoNothingReducer())(x, y)
+    per_anchor = per_anchor["loss"]["losses"]
+    assert loss_fn.num_nonzero_anchors == int((per_anchor > 0).sum())
+    w_pos, w_neg = loss_fn.pair_weights(x.detach(), y)
+    assert loss_fn.mean_pos_weight == pytest.approx(float(w_pos.sum()) / len(a1), rel=1e-4)
+    assert loss_fn.mean_neg_weight == pytest.approx(float(w_neg.sum()) / len(a2), rel=1e-4)
+    assert torch.isfinite(value)
+
+
+def test_fixes_pmls_single_pair_zero(device):
+    x, _ = make_batch(1, n=4, dim=5, device=device, dtype=torch.float64)
+    tup = tuple(torch.tensor([v], device=device) for v in (0, 1, 0, 2))
+    assert float(pml_losses.MultiSimilarityLoss()(x, None, tup)) == 0.0
+    got = losses.MSLoss()(x, None, tup)
+    xn = torch.nn.functional.normalize(x.detach(), dim=1)
+    s01, s02 = float(xn[0] @ xn[1]), float(xn[0] @ xn[2])
+    per_anchor0 = math.log1p(math.exp(2 * (0.5 - s01))) / 2 + math.log1p(math.exp(50 * (s02 - 0.5))) / 50
+    assert float(got) == pytest.approx(per_anchor0 / 4, rel=1e-10)
+
+
+@pytest.mark.parametrize("case", ["all_distinct_mined", "single", "empty_tuple"])
+def test_no_pairs_gives_zero_that_backpropagates(device, case):
+    if case == "single":
+        x, y = make_batch(2, n=1, device=device)
+        loss_fn, tup = losses.MSLoss(), None
+    else:
+        x, y = make_batch(2, n=8, classes=8, device=device)
+        loss_fn = losses.MSLoss(epsilon=0.1)
+        tup = None if case == "all_distinct_mined" else tuple(torch.tensor([], dtype=torch.long) for _ in range(4))
+    value = loss_fn(x, y, tup)
+    assert float(value) == 0.0
+    value.backward()
+    assert x.grad is not None and torch.count_nonzero(x.grad) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(alpha=0), "alpha"),
+        (dict(alpha=-1.0), "alpha"),
+        (dict(beta=0), "beta"),
+        (dict(epsilon=-0.1), "epsilon"),
+        (dict(weighting="binomial"), "weighting"),
+        (dict(base=float("nan")), "base"),
+        (dict(chunk_size=0), "chunk_size"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        losses.MSLoss(**kwargs)
+
+
+def test_bad_miner_epsilon():
+    with pytest.raises(ValueError, match="epsilon"):
+        miners.MultiSimilarityMiner(epsilon=-1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embeddings(device, bad):
+    x, y = make_batch(4, device=device, requires_grad=False)
+    x[3, 2] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        losses.MSLoss()(x, y)
+    ref, ref_y = make_batch(5, device=device, requires_grad=False)
+    ref[0, 0] = bad
+    with pytest.raises(ValueError, match="ref_emb contain NaN"):
+        losses.MSLoss()(x.nan_to_num(), y, ref_emb=ref, ref_labels=ref_y)
+    # the opt-out gives PyTorch's NaN-in, NaN-out
+    assert not torch.isfinite(losses.MSLoss(check_finite=False)(x, y))
+
+
+def test_label_length_mismatch(device):
+    x, y = make_batch(4, device=device)
+    with pytest.raises(ValueError, match="labels has 31 entries but embeddings has 32 rows"):
+        losses.MSLoss()(x, y[:-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_does_not_overflow(device, dtype):
+    skip_if_half_unsupported(device, dtype)
+    x, y = make_batch(9, n=64, device=device, dtype=torch.float32, requires_grad=False)
+    for eps in (None, 0.1):
+        reference = losses.MSLoss(beta=100, epsilon=eps)(x.to(dtype).float(), y)
+        xh = x.to(dtype).requires_grad_(True)
+        value = losses.MSLoss(beta=100, epsilon=eps)(xh, y)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(xh.grad).all()
+        assert float(value) == pytest.approx(float(reference), rel=1e-2)
+
+
+def test_autocast_runs_the_reductions_in_float32(device):
+    x, y = make_batch(10, n=64, device=device, dtype=torch.float32)
+    reference = losses.MSLoss(beta=100, epsilon=0.1)(x, y)
+    for dtype in (torch.bfloat16, torch.float16):
+        if device.type == "cpu" and dtype == torch.float16:
+            continue  # CPU autocast covers bfloat16
+        with torch.autocast(device.type, dtype=dtype):
+            value = losses.MSLoss(beta=100, epsilon=0.1)(x, y)
+        assert torch.isfinite(value)
+        assert float(value) == pytest.approx(float(reference), rel=1e-3)
+
+
+def test_pml_cross_batch_memory_accepts_msloss_step_after_step(device):
+    torch.manual_seed(0)
+    ours = pml_losses.CrossBatchMemory(
+        losses.MSLoss(), 16, memory_size=64, miner=pml_miners.MultiSimilarityMiner(0.1)
+    ).to(device)
+    theirs = pml_losses.CrossBatchMemory(
+        pml_losses.MultiSimilarityLoss(), 16, memory_size=64, miner=pml_miners.MultiSimilarityMiner(0.1)
+    ).to(device)
+    for step in range(6):
+        x, y = make_batch(200 + step, n=24, device=device, dtype=torch.float32)
+        a, (ga,) = value_and_grads(ours, (x,), x, y)
+        b, (gb,) = value_and_grads(theirs, (x,), x, y)
+        assert_close(a, b, torch.float32)
+        assert_close(ga, gb, torch.float32)
+    assert type(losses.MSLoss()).__name__ == "MultiSimilarityLoss"
+
+
+def test_pml_distributed_wrapper_accepts_msloss(device):
+    from pytorch_metric_learning.utils import distributed as pml_dist
+
+    x, y = make_batch(30, device=device)
+    wrapped = pml_dist.DistributedLossWrapper(losses.MSLoss(epsilon=0.1))
+    with pytest.warns(UserWarning):
+        value = wrapped(x, y)
+    assert float(value) == pytest.approx(float(losses.MSLoss(epsilon=0.1)(x, y)))

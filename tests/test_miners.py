@@ -1,0 +1,49 @@
+"""MultiSimilarityMiner returns exactly PML's pair sets."""
+
+import pytest
+import torch
+from conftest import make_batch, skip_if_half_unsupported
+from pytorch_metric_learning import distances as pml_distances
+from pytorch_metric_learning import miners as pml_miners
+
+from pml_ms_plus import miners
+
+DISTANCES = {
+    "cosine": lambda: pml_distances.CosineSimilarity(),
+    "dot": lambda: pml_distances.DotProductSimilarity(),
+    "lp": lambda: pml_distances.LpDistance(),
+    "lp_raw": lambda: pml_distances.LpDistance(normalize_embeddings=False),
+}
+
+
+def pair_sets(tup):
+    a1, p, a2, n = (t.cpu().tolist() for t in tup)
+    pos, neg = list(zip(a1, p)), list(zip(a2, n))
+    assert len(set(pos)) == len(pos) and len(set(neg)) == len(neg), "a pair returned twice"
+    return set(pos), set(neg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("use_ref", [False, True])
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("dist", list(DISTANCES))
+@pytest.mark.parametrize("seed", range(3))
+def test_same_pairs_as_pml(device, dtype, use_ref, epsilon, dist, seed):
+    skip_if_half_unsupported(device, dtype)
+    x, y = make_batch(seed, n=48, classes=7, device=device, dtype=dtype, requires_grad=False)
+    ref, ref_y = make_batch(seed + 50, n=30, classes=9, device=device, dtype=dtype, requires_grad=False) if use_ref else (None, None)
+    theirs = pml_miners.MultiSimilarityMiner(epsilon, distance=DISTANCES[dist]())(x, y, ref, ref_y)
+    ours_miner = miners.MultiSimilarityMiner(epsilon, distance=DISTANCES[dist](), collect_stats=True)
+    ours = ours_miner(x, y, ref, ref_y)
+    assert all(t.dtype == torch.long and t.device == x.device for t in ours)
+    assert pair_sets(ours) == pair_sets(theirs)
+    assert ours_miner.num_pos_pairs == len(ours[0]) and ours_miner.num_neg_pairs == len(ours[2])
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 2, 3], [5, 5, 5, 5]])
+def test_no_positive_or_no_negative_pairs_gives_empty(device, labels):
+    x, _ = make_batch(0, n=4, device=device, requires_grad=False)
+    y = torch.tensor(labels, device=device)
+    theirs = pml_miners.MultiSimilarityMiner(0.1)(x, y)
+    ours = miners.MultiSimilarityMiner(0.1)(x, y)
+    assert pair_sets(ours) == pair_sets(theirs) == (set(), set())
