@@ -1,0 +1,89 @@
+"""The fused, chunked kernel agrees with the dense functional path."""
+
+import pytest
+import torch
+from conftest import make_batch
+from pytorch_metric_learning import reducers as pml_reducers
+
+from pml_ms_plus import _kernel, losses
+from pml_ms_plus import functional as F_ms
+
+
+def dense_and_fused(device, weighting, epsilon, chunk_size, self_copies, seed=0, n=24, m=37):
+    x, y = make_batch(seed, n=n, dim=8, classes=5, device=device, dtype=torch.float64)
+    ref, ref_y = make_batch(seed + 1, n=m, dim=8, classes=5, device=device, dtype=torch.float64)
+    if self_copies:  # anchors' own copies sit in the references, as in a memory
+        self_index = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:n].to(device)
+        with torch.no_grad():
+            ref[self_index] = x
+        ref_y = ref_y.clone()
+        ref_y[self_index] = y
+    else:
+        self_index = torch.full((n,), -1, device=device)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    rn = torch.nn.functional.normalize(ref, dim=1)
+    g = torch.Generator().manual_seed(seed + 2)
+    lam_pos = (0.5 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)).to(device).requires_grad_(True)
+    lam_neg = (0.5 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)).to(device).requires_grad_(True)
+    upstream = torch.rand(n, generator=g, dtype=torch.float64).to(device)  # unequal anchor weights
+    kw = dict(alpha=2.0, beta=50.0, weighting=weighting, epsilon=epsilon)
+    inputs = (x, ref, lam_pos, lam_neg)
+
+    pos, neg = F_ms.pair_masks(y, ref_y, self_index)
+    dense = F_ms.ms_terms(xn @ rn.T, pos, neg, lam_pos=lam_pos, lam_neg=lam_neg, **kw)
+    g_dense = torch.autograd.grad((dense.losses * upstream).sum(), inputs, retain_graph=True)
+    fused = _kernel.ms_terms_fused(xn, rn, y, ref_y, self_index, lam_pos, lam_neg, chunk_size=chunk_size, **kw)
+    g_fused = torch.autograd.grad((fused.losses * upstream).sum(), inputs)
+    return dense, g_dense, fused, g_fused
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5, 36, 37, 1000])
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+@pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
+@pytest.mark.parametrize("self_copies", [False, True])
+def test_fused_equals_dense(device, chunk_size, epsilon, weighting, self_copies):
+    dense, g_dense, fused, g_fused = dense_and_fused(device, weighting, epsilon, chunk_size, self_copies)
+    for a, b in zip(fused, dense):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-8)
+    for a, b in zip(g_fused, g_dense):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "reducer",
+    [
+        lambda: pml_reducers.MeanReducer(),
+        lambda: pml_reducers.AvgNonZeroReducer(),
+        lambda: pml_reducers.ThresholdReducer(low=0.3),
+        lambda: pml_reducers.ClassWeightedReducer(torch.tensor([0.2, 1.0, 3.0, 0.5, 2.0, 1.5])),
+    ],
+)
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+def test_loss_fast_path_equals_general_path(device, reducer, chunk_size):
+    x, y = make_batch(4, n=40, device=device, dtype=torch.float32)
+    ref, ref_y = make_batch(5, n=33, device=device, dtype=torch.float32)
+    for ref_args in ((), (ref, ref_y)):
+        inputs = (x,) + ref_args[:1]
+        fast = losses.MSLoss(epsilon=0.1, chunk_size=chunk_size, reducer=reducer())
+        value = fast(x, y, None, *ref_args)
+        grads = torch.autograd.grad(value, inputs)
+        # the same problem through the dense autograd path
+        general = losses.MSLoss(epsilon=0.1, reducer=reducer())
+        refs = ref_args or (x, y)
+        self_index = None if ref_args else torch.arange(len(x), device=device)
+        S, pos, neg, kw = general._dense_problem(x, y, None, *refs, self_index, None)
+        per_anchor = F_ms.ms_terms(S, pos, neg, **kw).losses
+        indices = torch.arange(len(x), device=device)
+        expected = general.reducer(
+            {"loss": {"losses": per_anchor, "indices": indices, "reduction_type": "element"}}, x, y
+        )
+        expected_grads = torch.autograd.grad(expected, inputs)
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, expected_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_columns():
+    assert _kernel.chunk_columns(256, None) == 2**22 // 256
+    assert _kernel.chunk_columns(256, 3) == 3
+    assert _kernel.chunk_columns(10**9, None) == 1
