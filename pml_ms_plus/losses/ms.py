@@ -96,14 +96,16 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         ref_labels: Optional[torch.Tensor] = None,
         self_index: Optional[torch.Tensor] = None,
         masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        trusted_ref: bool = False,
     ) -> torch.Tensor:
-        """PML's forward, plus the two inputs the memory wrapper needs.
+        """PML's forward, plus the inputs the memory wrapper needs.
 
         ``self_index``: column of each anchor's own copy in ``ref_emb``;
-        ``masks``: explicit ``(pos, neg)`` masks instead of labels/tuples.
+        ``masks``: explicit ``(pos, neg)`` masks instead of labels/tuples;
+        ``trusted_ref``: ``ref_emb`` was checked already (a memory of checked batches).
         """
         self.reset_stats()
-        self._check_inputs(embeddings, labels, ref_emb, ref_labels)
+        self._check_inputs(embeddings, labels, None if trusted_ref else ref_emb, ref_labels)
         if labels is not None:
             labels = labels.to(embeddings.device)
         if ref_emb is None:

@@ -1,0 +1,195 @@
+"""CrossBatchMemory: PML parity over steps, the self-copy difference, warm-up, checkpoints, bad input."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_batch
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+from pytorch_metric_learning.reducers import DoNothingReducer
+
+from pml_ms_plus import losses, miners
+
+DIM, MEMORY, BATCH = 16, 50, 24  # 50 is no multiple of 24: the ring buffer wraps mid-batch
+
+
+def steps(device, dtype, n_steps=6, with_mask=False):
+    for step in range(n_steps):
+        x, y = make_batch(300 + step, n=BATCH, dim=DIM, classes=6, device=device, dtype=dtype)
+        mask = None
+        if with_mask:  # the first half of each class is enqueued, the rest are anchors
+            mask = torch.zeros(BATCH, dtype=torch.bool, device=device)
+            mask[torch.arange(BATCH, device=device) % 4 < 2] = True
+        yield x, y, mask
+
+
+def pml_memory(device, dtype):
+    return pml_losses.CrossBatchMemory(
+        pml_losses.MultiSimilarityLoss(), DIM, memory_size=MEMORY, miner=pml_miners.MultiSimilarityMiner(0.1)
+    ).to(device=device, dtype=dtype)
+
+
+OURS = {
+    "fused": lambda: losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY),
+    "our_miner": lambda: losses.CrossBatchMemory(
+        losses.MSLoss(), DIM, memory_size=MEMORY, miner=miners.MultiSimilarityMiner(0.1)
+    ),
+    "pml_miner": lambda: losses.CrossBatchMemory(
+        losses.MSLoss(), DIM, memory_size=MEMORY, miner=pml_miners.MultiSimilarityMiner(0.1)
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("variant", list(OURS))
+def test_parity_with_pml_over_steps(device, dtype, with_mask, variant):
+    ours = OURS[variant]().to(device=device, dtype=dtype)
+    theirs = pml_memory(device, dtype)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-12)
+    for x, y, mask in steps(device, dtype, with_mask=with_mask):
+        a = ours(x, y, enqueue_mask=mask)
+        (ga,) = torch.autograd.grad(a, x)
+        b = theirs(x, y, enqueue_mask=mask)
+        (gb,) = torch.autograd.grad(b, x)
+        torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(ga, gb, **tol)
+        torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory)
+        assert torch.equal(ours.label_memory, theirs.label_memory)
+        assert ours.queue_idx == theirs.queue_idx and ours.has_been_filled == theirs.has_been_filled
+    assert ours.has_been_filled  # the ring buffer wrapped around
+
+
+def lonely_anchor_reference(x, y, mem, mem_y, self_index, epsilon=0.1, alpha=2.0, beta=50.0, base=0.5):
+    """Per-anchor losses, own copy removed BEFORE mining, one anchor at a time."""
+    xn = torch.nn.functional.normalize(x, dim=1)
+    mn = torch.nn.functional.normalize(mem, dim=1)
+    out = []
+    for i in range(len(x)):
+        s = mn @ xn[i]
+        is_pos = mem_y == y[i]
+        is_pos[self_index[i]] = False
+        pos_all, neg_all = s[is_pos], s[mem_y != y[i]]
+        if len(pos_all) == 0 or len(neg_all) == 0:
+            out.append(0.0)
+            continue
+        pos = pos_all[pos_all - epsilon < neg_all.max()]
+        neg = neg_all[neg_all + epsilon > pos_all.min()]
+        value = torch.log1p(torch.exp(-alpha * (pos - base)).sum()) / alpha
+        value = value + torch.log1p(torch.exp(beta * (neg - base)).sum()) / beta
+        out.append(float(value))
+    return torch.tensor(out, dtype=x.dtype)
+
+
+def test_own_copy_is_excluded_before_mining(device):
+    # anchor 0 is the only member of class 9 anywhere: its only "positive" is its own copy
+    x, y = make_batch(40, n=BATCH, dim=DIM, classes=6, device=device, dtype=torch.float64, requires_grad=False)
+    y = y.clone()
+    y[0] = 9
+    x[0] = x[1] + 0.3 * x[2]  # close to some negatives, so PML mines them
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1, collect_stats=True), DIM, memory_size=MEMORY).double().to(device)
+    ours.loss.reducer = DoNothingReducer()
+    theirs = pml_memory(device, torch.float64)
+    theirs.loss.reducer = DoNothingReducer()
+    got = ours(x, y)["loss"]["losses"].reshape(-1)
+    pml = theirs(x, y)["loss"]["losses"].reshape(-1)
+    mem, mem_y = ours.memory()
+    self_index = torch.arange(BATCH)
+    expected = lonely_anchor_reference(x.cpu(), y.cpu(), mem.cpu(), mem_y.cpu(), self_index)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-9, atol=1e-12)
+    assert float(got[0]) == 0.0  # no true positive: no pairs
+    assert float(pml[0]) > 0.0  # PML mined negatives against the own copy
+    torch.testing.assert_close(got[1:], pml[1:], rtol=1e-9, atol=1e-12)  # everyone else agrees
+
+
+def test_warm_up_and_weights(device):
+    ours = losses.CrossBatchMemory(
+        losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY, start_iteration=2, batch_weight=0.5, memory_weight=2.0
+    ).to(device)
+    plain = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device)
+    in_batch = losses.MSLoss(epsilon=0.1)
+    for step, (x, y, _) in enumerate(steps(device, torch.float32, n_steps=5)):
+        got = ours(x, y)
+        memory_loss = plain(x, y)
+        if step < 2:
+            expected = in_batch(x, y)
+        else:
+            expected = 0.5 * in_batch(x, y) + 2.0 * memory_loss
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(ours.embedding_memory, plain.embedding_memory)  # filled during warm-up too
+    assert int(ours.iteration) == 5
+
+
+def test_checkpoint_round_trip_mid_training(device, tmp_path):
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY, start_iteration=3).to(device)
+    batches = list(steps(device, torch.float32, n_steps=8))
+    for x, y, _ in batches[:4]:
+        ours(x, y)
+    torch.save(ours.state_dict(), tmp_path / "xbm.pt")
+    resumed = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY, start_iteration=3).to(device)
+    resumed.load_state_dict(torch.load(tmp_path / "xbm.pt"))
+    assert resumed.queue_idx == ours.queue_idx and int(resumed.iteration) == 4
+    for x, y, _ in batches[4:]:
+        torch.testing.assert_close(resumed(x, y), ours(x, y))
+
+
+def test_memory_keeps_float32_and_follows_device(device):
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device)
+    x, y = make_batch(1, n=BATCH, dim=DIM, device=device, dtype=torch.float32)
+    reference = copy.deepcopy(ours)(x, y)
+    value = ours(x.to(torch.bfloat16), y)
+    assert ours.embedding_memory.dtype == torch.float32 and ours.embedding_memory.device.type == device.type
+    assert torch.isfinite(value)
+    assert float(value.detach()) == pytest.approx(float(reference.detach()), rel=2e-2)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        assert torch.isfinite(ours(x, y))
+    assert ours.embedding_memory.dtype == torch.float32
+
+
+def test_rejects_other_losses():
+    with pytest.raises(TypeError, match="MS family"):
+        losses.CrossBatchMemory(pml_losses.ContrastiveLoss(), DIM)
+    with pytest.raises(TypeError, match="MS family"):
+        losses.CrossBatchMemory(pml_losses.MultiSimilarityLoss(), DIM)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(memory_size=0), "memory_size"),
+        (dict(embedding_size=0), "embedding_size"),
+        (dict(start_iteration=-1), "start_iteration"),
+        (dict(batch_weight=-1.0), "batch_weight"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    args = dict(embedding_size=DIM, memory_size=MEMORY)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        losses.CrossBatchMemory(losses.MSLoss(), **args)
+
+
+def test_bad_input_leaves_memory_untouched(device):
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device)
+    x, y = make_batch(2, n=BATCH, dim=DIM, device=device)
+    ours(x, y)
+    before = copy.deepcopy(ours.state_dict())
+    bad_nan = x.detach().clone()
+    bad_nan[0, 0] = float("nan")
+    big, big_y = make_batch(3, n=MEMORY + 1, dim=DIM, device=device)
+    cases = [
+        ((bad_nan, y), "NaN or inf"),
+        ((x[:, :-1], y), "width 15 but embedding_size=16"),
+        ((x, y[:-1]), "labels has 23 entries"),
+        ((big, big_y), "exceeds memory_size"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ours(*args)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        ours(x, y, (y, y, y), torch.ones(BATCH, dtype=torch.bool, device=device))
+    after = ours.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
