@@ -26,6 +26,12 @@ of the anchor loss with respect to the pair's similarity: ``exp(z_ij - lse_i)``
 for ``"ms"``/``"relative"`` and ``sigmoid(z_ij)`` for ``"self"``. Hence
 ``dL_i/dS_ij = w_neg_ij - w_pos_ij``.
 
+Representation: a block of similarities is a :class:`Block`: the positive
+pairs as a list (they are few: a handful per anchor) and the negatives as a
+dense value matrix ``Vn`` (``S`` on negative pairs, ``-inf`` elsewhere). An
+excluded pair then has the exponent ``-inf`` (``exp = 0``), so masking and
+mining are fills, done in place where no gradient needs the old values.
+
 Log-sum-exps subtract each anchor's exact maximum exponent, which the *hardest*
 pair gives (the smallest positive and the largest negative similarity); the
 mining rule keeps either both hardest pairs or nothing, so this shift is exact
@@ -68,11 +74,11 @@ def pair_masks(
             self_index = torch.arange(len(labels), device=labels.device)
     eq = labels[:, None] == ref_labels[None, :]
     pos = eq
-    if self_index is not None and eq.shape[1] > 0:
-        valid = (self_index >= 0) & (self_index < eq.shape[1])
-        col = self_index.clamp(0, eq.shape[1] - 1)[:, None]
+    if self_index is not None:
         pos = eq.clone()
-        pos.scatter_(1, col, eq.gather(1, col) & ~valid[:, None])
+        pa, pj = eq.nonzero(as_tuple=True)
+        own = pj == self_index[pa]
+        pos[pa[own], pj[own]] = False
     return pos, ~eq
 
 
@@ -90,38 +96,94 @@ def masks_from_pairs(
     return pos, neg
 
 
-def hardest(
-    S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
+_INF = float("inf")
+
+
+class Block(NamedTuple):
+    """A ``(B, M)`` block of similarities, split by side.
+
+    ``pa``/``pj``: anchor row and reference column of each positive pair
+    (``(P,)`` long); ``sp``: their similarities (``+inf`` once mined away);
+    ``Vn``: ``S`` on negative pairs, ``-inf`` elsewhere.
+    """
+
+    pa: torch.Tensor
+    pj: torch.Tensor
+    sp: torch.Tensor
+    Vn: torch.Tensor
+
+    def kept_pos(self) -> torch.Tensor:
+        return self.sp != _INF
+
+    def kept_neg(self) -> torch.Tensor:
+        return self.Vn != -_INF
+
+
+def block_from_labels(
+    S: torch.Tensor,
+    labels: torch.Tensor,
+    ref_labels: Optional[torch.Tensor] = None,
+    self_index: Optional[torch.Tensor] = None,
+    reuse: bool = False,
+) -> Block:
+    """The :class:`Block` of ``S`` for label-defined pairs (see :func:`pair_masks`).
+
+    ``reuse=True`` writes ``Vn`` into ``S``'s storage (no autograd).
+    """
+    if ref_labels is None:
+        ref_labels = labels
+        if self_index is None:
+            self_index = torch.arange(len(labels), device=labels.device)
+    ea, ej = (labels[:, None] == ref_labels[None, :]).nonzero(as_tuple=True)
+    pa, pj = ea, ej
+    if self_index is not None:
+        other = ej != self_index[ea]
+        pa, pj = ea[other], ej[other]
+    sp = S[pa, pj]
+    minus_inf = torch.tensor(-_INF, dtype=S.dtype, device=S.device)
+    Vn = S.index_put_((ea, ej), minus_inf) if reuse else S.index_put((ea, ej), minus_inf)
+    return Block(pa, pj, sp, Vn)
+
+
+def block_from_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Block:
+    """The :class:`Block` of ``S`` for explicit ``(B, M)`` bool masks."""
+    pa, pj = pos.nonzero(as_tuple=True)
+    return Block(pa, pj, S[pa, pj], torch.where(neg, S, torch.tensor(-_INF, dtype=S.dtype, device=S.device)))
+
+
+def hardest(block: Block) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per anchor: the smallest positive and the largest negative similarity.
 
     Returns ``(min_pos, max_neg)`` of shape ``(B,)``; ``+inf`` / ``-inf`` for an
     anchor without positives / negatives.
     """
-    inf = float("inf")
-    return S.masked_fill(~pos, inf).amin(1), S.masked_fill(~neg, -inf).amax(1)
+    B = block.Vn.shape[0]
+    init = torch.full((B,), _INF, dtype=block.sp.dtype, device=block.sp.device)
+    min_pos = init.scatter_reduce(0, block.pa, block.sp.detach(), "amin")
+    return min_pos, block.Vn.detach().amax(1)
 
 
-def mine_hard_pairs(
-    S: torch.Tensor,
-    pos: torch.Tensor,
-    neg: torch.Tensor,
-    epsilon: float,
-    min_pos: Optional[torch.Tensor] = None,
-    max_neg: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The MS paper's hard-pair rule, on masks.
+def mine_(block: Block, epsilon: float, min_pos: torch.Tensor, max_neg: torch.Tensor) -> Block:
+    """The MS paper's hard-pair rule: ``Vn`` in place, ``sp`` anew.
 
-    Keeps a negative when ``S + epsilon > min_pos`` and a positive when
-    ``S - epsilon < max_neg`` (the hardest pairs over the unmined masks, which
-    may be passed in when they were computed over a larger block). Arithmetic is
-    in ``S``'s dtype, as in PML's miner, so the pair sets agree exactly.
+    Keeps a positive when ``S - epsilon < max_neg`` and a negative when
+    ``S + epsilon > min_pos``, with the hardest pairs of the unmined sets
+    (possibly over more references than this block). Arithmetic is in ``S``'s
+    dtype, as in PML's miner, so the pair sets agree exactly. Either both
+    hardest pairs are kept or nothing is, so the log-sum-exp shifts taken from
+    the hardest pairs stay exact.
     """
-    if min_pos is None or max_neg is None:
-        min_pos, max_neg = hardest(S, pos, neg)
-    keep_pos = pos & ((S - epsilon) < max_neg[:, None])
-    keep_neg = neg & ((S + epsilon) > min_pos[:, None])
-    return keep_pos, keep_neg
+    sp = block.sp.masked_fill((block.sp - epsilon) >= max_neg[block.pa], _INF)
+    block.Vn.masked_fill_((block.Vn + epsilon) <= min_pos[:, None], -_INF)
+    return block._replace(sp=sp)
+
+
+def mined_pairs(block: Block, epsilon: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pairs the hard-pair rule keeps, as PML's ``(a1, p, a2, n)`` (``Vn`` is overwritten)."""
+    block = mine_(block, epsilon, *hardest(block))
+    kept = block.kept_pos()
+    a2, n = block.kept_neg().nonzero(as_tuple=True)
+    return block.pa[kept], block.pj[kept], a2, n
 
 
 def _as_row(lam: Threshold, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -136,78 +198,72 @@ class Side(NamedTuple):
     coef: float
     lam: torch.Tensor  # (B,)
 
-    def exponents(self, S: torch.Tensor) -> torch.Tensor:
-        return self.coef * (S - self.lam[:, None])
-
     def max_exponent(self, min_pos: torch.Tensor, max_neg: torch.Tensor) -> torch.Tensor:
         """The largest exponent over the side's set, from the hardest pairs."""
         hard = min_pos if self.coef < 0 else max_neg
         return self.coef * (hard - self.lam)
 
 
+def sides(alpha: float, beta: float, lam_pos: torch.Tensor, lam_neg: torch.Tensor) -> Tuple[Side, Side]:
+    return Side(-float(alpha), lam_pos), Side(float(beta), lam_neg)
+
+
 def side_shift(zmax: torch.Tensor, weighting: str) -> torch.Tensor:
-    """The stabilising shift of a side's log-sum-exp (never ``inf``)."""
+    """The stabilising shift of a side's log-sum-exp (never ``inf``; 0 for ``"self"``)."""
     zmax = zmax.detach()
     if weighting == "ms":
         return zmax.clamp(min=0)  # the "1 +" term is exp(0)
+    if weighting == "self":
+        return torch.zeros_like(zmax)
     return torch.where(torch.isfinite(zmax), zmax, torch.zeros_like(zmax))
 
 
-def side_partial(
-    z: torch.Tensor, mask: torch.Tensor, shift: torch.Tensor, weighting: str
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partial per-anchor sums of a side over a block of references.
+def side_exp(
+    V: torch.Tensor,
+    side: Side,
+    shift: torch.Tensor,
+    weighting: str,
+    rows: Optional[torch.Tensor] = None,
+    reuse: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A side's per-pair terms: ``(R, acc)``.
 
-    Returns ``(acc, count, weight_acc)``: ``acc`` is ``sum exp(z - shift)``
-    (``"ms"``/``"relative"``) or ``sum softplus(z)`` (``"self"``); ``count`` the
-    number of pairs; ``weight_acc`` the sum of ``sigmoid(z)`` for ``"self"``
-    (zeros otherwise; the other weightings get their weight sums from ``acc``).
+    ``V`` is ``(B, M)`` dense, or ``(P,)`` values of pairs whose anchor rows are
+    ``rows``. ``z - shift = coef * V - (coef * lam + shift)``. For
+    ``"ms"``/``"relative"`` ``R = exp(z - shift)`` and ``acc_i = sum_j R_ij``;
+    for ``"self"`` ``R = sigmoid(z)`` (the pair weights) and
+    ``acc_i = sum_j softplus(z_ij)``. Excluded pairs (``V = +-inf``) give
+    ``R = 0``. ``reuse=True`` overwrites ``V`` (no autograd).
     """
-    count = mask.sum(1)
+    bias = side.coef * side.lam + shift
+    bias = bias[:, None] if rows is None else bias[rows]
+    z = torch.add(-bias, V, alpha=side.coef, out=V) if reuse else torch.add(-bias, V, alpha=side.coef)
     if weighting == "self":
-        acc = F.softplus(z).masked_fill(~mask, 0).sum(1)
-        with torch.no_grad():
-            wacc = torch.sigmoid(z).masked_fill(~mask, 0).sum(1)
-        return acc, count, wacc
-    acc = (z - shift[:, None]).masked_fill(~mask, float("-inf")).exp().sum(1)
-    return acc, count, torch.zeros_like(acc)
+        R, terms = torch.sigmoid(z), F.softplus(z)
+    else:
+        R = terms = z.exp_()
+    if rows is None:
+        return R, terms.sum(1)
+    return R, torch.zeros_like(shift).index_add(0, rows, terms)
 
 
 def side_finish(
-    acc: torch.Tensor, count: torch.Tensor, shift: torch.Tensor, coef: float, weighting: str
+    acc: torch.Tensor, shift: torch.Tensor, coef: float, weighting: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A side's per-anchor loss and log-normaliser from its accumulated sums.
+    """A side's per-anchor loss and the per-anchor scale of its pair weights.
 
-    Returns ``(loss, lse)``; ``lse`` is what the pair weights ``exp(z - lse)``
-    divide by (unused for ``"self"``).
+    Returns ``(loss, scale)`` with ``w_ij = R_ij * scale_i``
+    (``scale = exp(shift - lse)``; 1 for ``"self"``).
     """
     k = abs(coef)
     if weighting == "self":
-        return acc / k, torch.zeros_like(acc)
+        return acc / k, torch.ones_like(acc)
     if weighting == "ms":
         lse = shift + torch.log(torch.exp(-shift) + acc)
     else:
-        nonempty = count > 0
+        nonempty = acc > 0  # the hardest pair alone contributes exp(0) = 1
         lse = torch.where(nonempty, shift + torch.log(torch.where(nonempty, acc, 1.0)), 0.0)
-    return lse / k, lse
-
-
-def side_weights(
-    z: torch.Tensor, mask: torch.Tensor, lse: torch.Tensor, weighting: str
-) -> torch.Tensor:
-    """Dense GPW weights of one side: ``exp(z - lse)`` or ``sigmoid(z)``, 0 off the mask."""
-    if weighting == "self":
-        return torch.sigmoid(z).masked_fill(~mask, 0)
-    return (z - lse[:, None]).masked_fill(~mask, float("-inf")).exp()
-
-
-def weight_sums(
-    acc: torch.Tensor, wacc: torch.Tensor, shift: torch.Tensor, lse: torch.Tensor, weighting: str
-) -> torch.Tensor:
-    """Per-anchor sum of a side's pair weights, from the accumulated sums."""
-    if weighting == "self":
-        return wacc
-    return acc * torch.exp(shift - lse)
+    return lse / k, torch.exp(shift - lse.detach())
 
 
 def check_weighting(weighting: str) -> None:
@@ -225,8 +281,67 @@ class MSTerms(NamedTuple):
     neg_weight_sum: torch.Tensor
 
 
-def sides(alpha: float, beta: float, lam_pos: torch.Tensor, lam_neg: torch.Tensor):
-    return Side(-float(alpha), lam_pos), Side(float(beta), lam_neg)
+class SideTerms(NamedTuple):
+    loss: torch.Tensor  # (B,)
+    R: torch.Tensor  # (P,) or (B, M), detached
+    scale: torch.Tensor  # (B,): weights are R * scale
+    acc: torch.Tensor  # (B,)
+
+
+def block_terms(
+    block: Block,
+    alpha: float,
+    beta: float,
+    lam_pos: torch.Tensor,
+    lam_neg: torch.Tensor,
+    weighting: str,
+    epsilon: Optional[float],
+    hard: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    reuse: bool = False,
+    counts: bool = False,
+):
+    """Mine (if ``epsilon``) and compute both sides of one block.
+
+    ``hard``: the hardest pairs over all references (default: this block's).
+    Returns ``(block_after_mining, [(R_pos, acc_pos), (R_neg, acc_neg)], shifts,
+    (num_pos, num_neg) or None)``; the ``acc`` of each side can be summed over
+    blocks before :func:`side_finish`. ``reuse=True`` overwrites ``Vn``.
+    """
+    if hard is None:
+        hard = hardest(block)
+    if epsilon is not None:
+        block = mine_(block, epsilon, *hard)
+    num = None
+    if counts:
+        num = (torch.bincount(block.pa[block.kept_pos()], minlength=block.Vn.shape[0]), block.kept_neg().sum(1))
+    out, shifts = [], []
+    for side, V, rows in zip(sides(alpha, beta, lam_pos, lam_neg), (block.sp, block.Vn), (block.pa, None)):
+        shift = side_shift(side.max_exponent(*hard), weighting)
+        R, acc = side_exp(V, side, shift, weighting, rows=rows, reuse=reuse and rows is None)
+        out.append((R, acc))
+        shifts.append(shift)
+    return block, out, shifts, num
+
+
+def _terms(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon):
+    check_weighting(weighting)
+    S = S.to(compute_dtype(S.dtype))
+    B = S.shape[0]
+    block = block_from_masks(S, pos, neg)
+    lam_pos, lam_neg = _as_row(lam_pos, B, S), _as_row(lam_neg, B, S)
+    block, parts, shifts, num = block_terms(block, alpha, beta, lam_pos, lam_neg, weighting, epsilon, counts=True)
+    result = []
+    for side, (R, acc), shift in zip(sides(alpha, beta, lam_pos, lam_neg), parts, shifts):
+        loss, scale = side_finish(acc, shift, side.coef, weighting)
+        result.append(SideTerms(loss, R.detach(), scale, acc.detach()))
+    return block, result, num
+
+
+def _weight_sums(block: Block, t_pos: SideTerms, t_neg: SideTerms, weighting: str):
+    if weighting == "self":
+        wp = torch.zeros_like(t_pos.scale).index_add(0, block.pa, t_pos.R)
+        return wp, t_neg.R.sum(1)
+    return t_pos.acc * t_pos.scale, t_neg.acc * t_neg.scale
 
 
 def ms_terms(
@@ -247,20 +362,8 @@ def ms_terms(
     of the positive and negative sides, a float or ``(B,)``. With ``epsilon``
     the hard-pair rule first narrows the masks. Returns :class:`MSTerms`.
     """
-    check_weighting(weighting)
-    S = S.to(compute_dtype(S.dtype))
-    B = S.shape[0]
-    min_pos, max_neg = hardest(S.detach(), pos, neg)
-    if epsilon is not None:
-        pos, neg = mine_hard_pairs(S.detach(), pos, neg, epsilon, min_pos, max_neg)
-    out = []
-    for side, mask in zip(sides(alpha, beta, _as_row(lam_pos, B, S), _as_row(lam_neg, B, S)), (pos, neg)):
-        shift = side_shift(side.max_exponent(min_pos, max_neg), weighting)
-        acc, count, wacc = side_partial(side.exponents(S), mask, shift, weighting)
-        loss, lse = side_finish(acc, count, shift, side.coef, weighting)
-        out.append((loss, count, weight_sums(acc.detach(), wacc, shift, lse.detach(), weighting)))
-    (lp, cp, wp), (ln, cn, wn) = out
-    return MSTerms(lp + ln, cp, cn, wp, wn)
+    block, (tp, tn), num = _terms(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon)
+    return MSTerms(tp.loss + tn.loss, *num, *_weight_sums(block, tp, tn, weighting))
 
 
 def ms_anchor_losses(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -285,32 +388,18 @@ def pair_weights(
     ``w_pos[i, j] = -dL_i/dS_ij`` on (mined) positive pairs and
     ``w_neg[i, j] = dL_i/dS_ij`` on (mined) negative pairs, 0 elsewhere.
     """
-    check_weighting(weighting)
-    S = S.to(compute_dtype(S.dtype))
-    B = S.shape[0]
-    min_pos, max_neg = hardest(S, pos, neg)
-    if epsilon is not None:
-        pos, neg = mine_hard_pairs(S, pos, neg, epsilon, min_pos, max_neg)
-    weights = []
-    for side, mask in zip(sides(alpha, beta, _as_row(lam_pos, B, S), _as_row(lam_neg, B, S)), (pos, neg)):
-        shift = side_shift(side.max_exponent(min_pos, max_neg), weighting)
-        z = side.exponents(S)
-        acc, count, _ = side_partial(z, mask, shift, weighting)
-        _, lse = side_finish(acc, count, shift, side.coef, weighting)
-        weights.append(side_weights(z, mask, lse, weighting))
-    return weights[0], weights[1]
+    block, (tp, tn), _ = _terms(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon)
+    w_pos = torch.zeros_like(tn.R).index_put_((block.pa, block.pj), tp.R * tp.scale[block.pa])
+    return w_pos, tn.R * tn.scale[:, None]
 
 
-def masked_row_sums(
-    S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(sum_pos, count_pos, sum_neg, count_neg)`` of each row of ``S`` over the masks."""
-    return (
-        S.masked_fill(~pos, 0).sum(1),
-        pos.sum(1),
-        S.masked_fill(~neg, 0).sum(1),
-        neg.sum(1),
-    )
+def block_row_sums(block: Block) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sum_pos, count_pos, sum_neg, count_neg)`` of each anchor's similarities (unmined)."""
+    B = block.Vn.shape[0]
+    sum_pos = torch.zeros(B, dtype=block.sp.dtype, device=block.sp.device).index_add(0, block.pa, block.sp)
+    count_pos = torch.bincount(block.pa, minlength=B)
+    kept = block.kept_neg()
+    return sum_pos, count_pos, block.Vn.masked_fill(~kept, 0).sum(1), kept.sum(1)
 
 
 def anchor_centres(
@@ -318,7 +407,7 @@ def anchor_centres(
 ) -> torch.Tensor:
     """Each anchor's centre ``(mean positive + mean negative similarity) / 2``.
 
-    ``sums`` comes from :func:`masked_row_sums` (possibly added up over blocks);
+    ``sums`` comes from :func:`block_row_sums` (possibly added up over blocks);
     an anchor without positives or without negatives gets ``default``.
     """
     sp, cp, sn, cn = sums

@@ -38,11 +38,8 @@ class MultiSimilarityMiner(BaseMiner):
         self_index = None
         if embeddings is ref_emb:
             self_index = torch.arange(len(embeddings), device=embeddings.device)
-        pos, neg = F_ms.pair_masks(labels, ref_labels.to(labels.device), self_index)
-        pos, neg = F_ms.mine_hard_pairs(S, pos, neg, self.epsilon)
-        a1, p = torch.where(pos)
-        a2, n = torch.where(neg)
-        return a1, p, a2, n
+        block = F_ms.block_from_labels(S, labels, ref_labels.to(labels.device), self_index, reuse=True)
+        return F_ms.mined_pairs(block, self.epsilon)
 
     def get_default_distance(self):
         return CosineSimilarity()

@@ -181,7 +181,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         lam_pos, lam_neg = self._thresholds(labels, len(x), x.dtype, x.device, centre_sums)
         return _kernel.ms_terms_fused(
             x, y, labels, ref_labels, self_index, lam_pos, lam_neg,
-            self.alpha, self.beta, self.weighting, self.epsilon, self.chunk_size,
+            self.alpha, self.beta, self.weighting, self.epsilon, self.chunk_size, self.collect_stats,
         )
 
     def _dense_problem(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, self_index, masks):
@@ -202,7 +202,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
 
         def centre_sums():
             with torch.no_grad():
-                return F_ms.masked_row_sums(S.detach().to(F_ms.compute_dtype(S.dtype)), pos, neg)
+                return F_ms.block_row_sums(F_ms.block_from_masks(S.detach().to(F_ms.compute_dtype(S.dtype)), pos, neg))
 
         lam_pos, lam_neg = self._thresholds(
             labels, S.shape[0], F_ms.compute_dtype(S.dtype), S.device, centre_sums
@@ -224,7 +224,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         """Per-anchor thresholds ``(lam_pos, lam_neg)``, ``(B,)``, similarity orientation.
 
         ``centre_sums()`` returns
-        :func:`functional.masked_row_sums` over the unmined pairs (used by
+        :func:`functional.block_row_sums` over the unmined pairs (used by
         subclasses with adaptive thresholds).
         """
         lam = torch.full((n,), self._sign() * self.base, dtype=dtype, device=device)

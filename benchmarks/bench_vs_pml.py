@@ -1,0 +1,246 @@
+"""Speed and peak memory of pml_ms_plus against PML, forward + backward, in one run.
+
+    python benchmarks/bench_vs_pml.py [--device cuda] [--out benchmarks/results] [--tiny]
+
+Cases (dimension 512, float32, 4 samples per class in each batch):
+  * in-batch, batch 128 / 512 / 2048: ``MSLoss(epsilon=0.1)`` against PML's
+    ``MultiSimilarityMiner(0.1)`` + ``MultiSimilarityLoss()``;
+  * cross-batch memory, batch 256, memory 4,096 / 16,384 / 65,536 (full):
+    ours ``CrossBatchMemory(MSLoss(epsilon=0.1), 512, M)`` against PML's
+    ``CrossBatchMemory(MultiSimilarityLoss(), 512, M, miner=MultiSimilarityMiner(0.1))``;
+    ours alone at 262,144 and 1,048,576;
+  * the floor of each case: the batch x reference matrix product and its backward alone.
+
+Time: the median of repeated steps after a warm-up, the two implementations
+interleaved step by step. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``
+above the allocation before the step; on the CPU each (case, implementation) runs
+in its own subprocess and reports its peak resident set above the resident set
+before the step (Linux ``VmHWM`` after resetting it via ``/proc/self/clear_refs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+DIM = 512
+SAMPLES_PER_CLASS = 4
+NUM_CLASSES_IN_MEMORY = 2000
+
+
+def cases(tiny: bool):
+    if tiny:
+        return [
+            dict(name="in-batch B=32", kind="batch", batch=32, reps=2),
+            dict(name="memory B=16 M=256", kind="memory", batch=16, memory=256, reps=2),
+            dict(name="memory B=16 M=1024 (ours only)", kind="memory", batch=16, memory=1024, reps=1, pml=False),
+        ]
+    return [
+        dict(name="in-batch B=128", kind="batch", batch=128, reps=30),
+        dict(name="in-batch B=512", kind="batch", batch=512, reps=15),
+        dict(name="in-batch B=2048", kind="batch", batch=2048, reps=5),
+        dict(name="memory B=256 M=4,096", kind="memory", batch=256, memory=4096, reps=15),
+        dict(name="memory B=256 M=16,384", kind="memory", batch=256, memory=16384, reps=9),
+        dict(name="memory B=256 M=65,536", kind="memory", batch=256, memory=65536, reps=5),
+        dict(name="memory B=256 M=262,144 (ours only)", kind="memory", batch=256, memory=262144, reps=3, pml=False),
+        dict(name="memory B=256 M=1,048,576 (ours only)", kind="memory", batch=256, memory=1048576, reps=1, pml=False),
+    ]
+
+
+# --------------------------------------------------------------------- set-ups
+def make_step(case, impl, device):
+    """A zero-argument callable running one forward + backward of ``impl``."""
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning import miners as pml_miners
+
+    from pml_ms_plus import losses
+
+    g = torch.Generator().manual_seed(0)
+    B = case["batch"]
+    dim = case.get("dim", DIM)
+    x = torch.randn(B, dim, generator=g).to(device).requires_grad_(True)
+    n_classes = NUM_CLASSES_IN_MEMORY if case["kind"] == "memory" else max(1, B // SAMPLES_PER_CLASS)
+    y = (torch.randperm(n_classes, generator=g)[: B // SAMPLES_PER_CLASS].repeat_interleave(SAMPLES_PER_CLASS)).to(device)
+
+    if case["kind"] == "batch":
+        if impl == "pml":
+            miner, loss = pml_miners.MultiSimilarityMiner(0.1), pml_losses.MultiSimilarityLoss()
+
+            def run():
+                loss(x, y, miner(x, y)).backward()
+        elif impl == "ours":
+            ours = losses.MSLoss(epsilon=0.1)
+
+            def run():
+                ours(x, y).backward()
+        else:  # floor: S = x x^T and its backward
+            grad = torch.randn(B, B, generator=g).to(device)
+
+            def run():
+                (x @ x.T).backward(grad)
+        return run
+
+    M = case["memory"]
+    mem = torch.nn.functional.normalize(torch.randn(M, dim, generator=g), dim=1).to(device)
+    mem_y = torch.randint(0, n_classes, (M,), generator=g).to(device)
+    if impl == "floor":
+        grad = torch.randn(B, M, generator=g).to(device)
+
+        def run():
+            (x @ mem.T).backward(grad)
+        return run
+    if impl == "pml":
+        xbm = pml_losses.CrossBatchMemory(
+            pml_losses.MultiSimilarityLoss(), dim, M, miner=pml_miners.MultiSimilarityMiner(0.1)
+        ).to(device)
+    else:
+        xbm = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), dim, M).to(device)
+    with torch.no_grad():  # a full memory: the steady state of training
+        xbm.embedding_memory.copy_(mem)
+        xbm.label_memory.copy_(mem_y)
+    xbm.has_been_filled = True
+    xbm.queue_idx = 0
+    del mem
+
+    def run():
+        xbm(x, y).backward()
+    return run
+
+
+# ------------------------------------------------------------------ measuring
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_case(case, device, impls):
+    steps = {impl: make_step(case, impl, device) for impl in impls}
+    for run in steps.values():  # warm-up
+        run()
+    sync(device)
+    times = {impl: [] for impl in impls}
+    for _ in range(case["reps"]):
+        for impl, run in steps.items():  # interleaved
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            times[impl].append((time.perf_counter() - t0) * 1000)
+    return {impl: statistics.median(v) for impl, v in times.items()}
+
+
+def _rss_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def peak_memory_here(case, impl, device):
+    """Peak extra memory (MB) of one step, measured in this process."""
+    import gc
+
+    run = make_step(case, impl, device)
+    run()  # warm-up
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _rss_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    run()
+    return (_rss_kb("VmHWM") - base) / 1024
+
+
+def peak_memory(case, impl, device):
+    if device.type == "cuda":
+        return peak_memory_here(case, impl, device)
+    cmd = [sys.executable, os.path.abspath(__file__), "--peak-of", json.dumps(case), impl]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+# -------------------------------------------------------------------- report
+def fmt(v, digits=1):
+    return "–" if v is None else f"{v:,.{digits}f}"
+
+
+def to_markdown(rows, meta):
+    lines = [
+        f"Machine: {meta['machine']}; torch {meta['torch']}, PML {meta['pml']}, device {meta['device']}, "
+        f"{meta['threads']} threads, {meta['date']}.",
+        "",
+        "| case | PML ms | ours ms | speed-up | PML MB | ours MB | ours / floor |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        speed = None if r["pml_ms"] is None else r["pml_ms"] / r["ours_ms"]
+        lines.append(
+            f"| {r['case']} | {fmt(r['pml_ms'])} | {fmt(r['ours_ms'])} | "
+            f"{'–' if speed is None else f'{speed:.1f}×'} | {fmt(r['pml_mb'], 0)} | {fmt(r['ours_mb'], 0)} | "
+            f"{r['ours_ms'] / r['floor_ms']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that the script runs")
+    parser.add_argument("--only", default=None, help="run only the cases whose name contains this text")
+    parser.add_argument("--peak-of", nargs=2, metavar=("CASE_JSON", "IMPL"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.peak_of:
+        print(peak_memory_here(json.loads(args.peak_of[0]), args.peak_of[1], device))
+        return 0
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    import pytorch_metric_learning
+
+    meta = dict(
+        machine=(torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"),
+        torch=torch.__version__, pml=pytorch_metric_learning.__version__, device=args.device,
+        threads=torch.get_num_threads(), date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    )
+    rows = []
+    for case in cases(args.tiny):
+        if args.only and args.only not in case["name"]:
+            continue
+        impls = (["pml"] if case.get("pml", True) else []) + ["ours", "floor"]
+        ms = time_case(case, device, impls)
+        row = dict(
+            case=case["name"], pml_ms=ms.get("pml"), ours_ms=ms["ours"], floor_ms=ms["floor"],
+            pml_mb=peak_memory(case, "pml", device) if "pml" in impls else None,
+            ours_mb=peak_memory(case, "ours", device),
+        )
+        rows.append(row)
+        print(to_markdown([row], meta).splitlines()[-1], flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    stem = "tiny" if args.tiny else f"latest-{args.device}"
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(to_markdown(rows, meta))
+    print()
+    print(to_markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
