@@ -1,0 +1,99 @@
+"""``AdaptiveMSLoss``: the MS loss with a per-anchor threshold."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .. import _checks
+from .. import functional as F_ms
+from .ms import MultiSimilarityLoss
+
+MARGIN_MODES = ("anchor", "learned")
+
+
+class AdaptiveMSLoss(MultiSimilarityLoss):
+    """MS loss whose threshold adapts per anchor; everything else is ``MSLoss``.
+
+    Anchor ``i`` has a centre ``lambda_i``; its positive term uses the threshold
+    ``lambda_i + margin`` and its negative term ``lambda_i - margin`` (in
+    similarity terms: positives are pushed above ``lambda_i + margin``,
+    negatives below ``lambda_i - margin``; for a distance such as
+    ``LpDistance`` the signs follow the distance, as ``distance.margin`` does).
+
+    * ``margin_mode="anchor"``: ``lambda_i = (mean similarity to its positives
+      + mean similarity to its negatives) / 2`` over all its valid pairs before
+      mining, with no gradient through ``lambda_i``; an anchor without positives
+      or without negatives uses ``base``.
+    * ``margin_mode="learned"``: one threshold per class, the parameter
+      ``thresholds`` of shape ``(num_classes,)`` initialised to ``base``;
+      anchor ``i`` uses its class's. Train it with a separate loss optimizer
+      (PML's convention for losses with parameters). With ``margin=0`` it
+      starts out equal to ``MSLoss(base=base)``.
+
+    Mining, ``weighting``, distances, reducers and the fused path are those of
+    :class:`MSLoss`. Recorded stats add ``threshold_mean`` and ``threshold_std``
+    (of the centres used, in the distance's units).
+    """
+
+    def __init__(
+        self,
+        alpha: float = 2,
+        beta: float = 50,
+        base: float = 0.5,
+        epsilon: Optional[float] = None,
+        weighting: str = "ms",
+        *,
+        margin_mode: str = "anchor",
+        margin: float = 0.1,
+        num_classes: Optional[int] = None,
+        **kwargs,
+    ):
+        if margin_mode not in MARGIN_MODES:
+            raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {margin_mode!r}")
+        _checks.non_negative("margin", margin)
+        if margin_mode == "learned" and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
+            raise ValueError(f"margin_mode='learned' needs num_classes as an int >= 1, got {num_classes!r}")
+        super().__init__(alpha=alpha, beta=beta, base=base, epsilon=epsilon, weighting=weighting, **kwargs)
+        self.margin_mode = margin_mode
+        self.margin = float(margin)
+        self.num_classes = num_classes
+        if margin_mode == "learned":
+            self.thresholds = torch.nn.Parameter(torch.full((num_classes,), float(base)))
+        self.add_to_recordable_attributes(list_of_names=["margin"], is_stat=False)
+        self.add_to_recordable_attributes(list_of_names=["threshold_mean", "threshold_std"], is_stat=True)
+
+    def _check_inputs(self, embeddings, labels, ref_emb, ref_labels):
+        super()._check_inputs(embeddings, labels, ref_emb, ref_labels)
+        if self.margin_mode != "learned":
+            return
+        if labels is None:
+            raise ValueError("margin_mode='learned' needs labels")
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(
+                f"labels must lie in [0, num_classes={self.num_classes}) for margin_mode='learned', "
+                f"got values in [{int(labels.min())}, {int(labels.max())}]"
+            )
+
+    def _thresholds(
+        self,
+        labels: Optional[torch.Tensor],
+        n: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        centre_sums: Callable,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        sign = self._sign()
+        if self.margin_mode == "anchor":
+            centre = F_ms.anchor_centres(centre_sums(), default=sign * self.base).to(dtype)
+        else:
+            centre = sign * self.thresholds[labels.to(self.thresholds.device)].to(device=device, dtype=dtype)
+        if self.collect_stats:
+            with torch.no_grad():
+                used = sign * centre
+                self.threshold_mean = float(used.mean()) if n else 0.0
+                self.threshold_std = float(used.std(unbiased=False)) if n else 0.0
+        return centre + self.margin, centre - self.margin
