@@ -1,0 +1,209 @@
+"""Study settings and variants: the default grid, TOML configs, import-path resolution."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the problem."""
+
+
+DEFAULT_SETTINGS: Dict[str, Any] = dict(
+    dataset="digits",
+    seeds=3,
+    epochs=15,
+    batch_size=80,
+    m=16,
+    lr=1e-3,
+    loss_lr=1e-2,
+    embedding_size=64,
+)
+KINDS = ("raw", "untrained", "train")
+
+
+@dataclass
+class Variant:
+    """One row of the study: a floor (``raw``/``untrained``) or a trained loss."""
+
+    name: str
+    kind: str = "train"
+    loss: Optional[str] = None
+    loss_kwargs: Dict[str, Any] = field(default_factory=dict)
+    miner: Optional[str] = None
+    miner_kwargs: Dict[str, Any] = field(default_factory=dict)
+    memory: Optional[str] = None
+    memory_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, {})}
+
+
+def _v(name, loss=None, kind="train", **kw):
+    return Variant(name=name, kind=kind, loss=loss, **kw)
+
+
+MS = "pml_ms_plus.losses.MSLoss"
+ADAPTIVE = "pml_ms_plus.losses.AdaptiveMSLoss"
+DEFAULT_VARIANTS: List[Variant] = [
+    _v("raw-input kNN", kind="raw"),
+    _v("untrained network", kind="untrained"),
+    _v("PML MS (all pairs)", "pytorch_metric_learning.losses.MultiSimilarityLoss"),
+    _v("PML MS + PML miner", "pytorch_metric_learning.losses.MultiSimilarityLoss",
+       miner="pytorch_metric_learning.miners.MultiSimilarityMiner", miner_kwargs={"epsilon": 0.1}),
+    _v("MSLoss(eps=0.1)", MS, loss_kwargs={"epsilon": 0.1}),
+    _v("MSLoss(eps=0.1, self)", MS, loss_kwargs={"epsilon": 0.1, "weighting": "self"}),
+    _v("MSLoss(eps=0.1, relative)", MS, loss_kwargs={"epsilon": 0.1, "weighting": "relative"}),
+    _v("MSLoss (no mining)", MS),
+    _v("Adaptive (anchor)", ADAPTIVE, loss_kwargs={"epsilon": 0.1, "margin_mode": "anchor"}),
+    _v("Adaptive (learned)", ADAPTIVE,
+       loss_kwargs={"epsilon": 0.1, "margin_mode": "learned", "num_classes": "auto"}),
+    _v("XBM + MSLoss(eps=0.1)", MS, loss_kwargs={"epsilon": 0.1},
+       memory="pml_ms_plus.losses.CrossBatchMemory", memory_kwargs={"memory_size": 320, "start_iteration": 50,
+                                                                    "batch_weight": 1.0}),
+    _v("PML Contrastive", "pytorch_metric_learning.losses.ContrastiveLoss"),
+]
+
+_SETTING_TYPES = dict(
+    dataset=str, seeds=int, epochs=int, batch_size=int, m=int, lr=float, loss_lr=float, embedding_size=int
+)
+
+
+def import_path(path: str, what: str):
+    """The object named by ``package.module.Name``."""
+    if not isinstance(path, str) or "." not in path:
+        raise ConfigError(f"{what}: {path!r} is not an import path like 'package.module.Name'")
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(f"{what}: cannot import module {module_name!r} ({exc})") from None
+    if not hasattr(module, attr):
+        raise ConfigError(f"{what}: module {module_name!r} has no {attr!r}")
+    return getattr(module, attr)
+
+
+def load_config(path: str):
+    """``(settings, variants)`` from a TOML file; ``variants`` is None when it lists none.
+
+    Format: an optional ``[study]`` table with any of the settings, then
+    ``[[variant]]`` tables with ``name``, ``kind`` (``train``, ``raw``,
+    ``untrained``), ``loss`` / ``miner`` / ``memory`` import paths and their
+    ``*_kwargs`` tables.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    unknown = set(raw) - {"study", "variant"}
+    if unknown:
+        raise ConfigError(f"config {path}: unknown top-level keys {sorted(unknown)} (expected 'study', 'variant')")
+    settings = raw.get("study", {})
+    if not isinstance(settings, dict):
+        raise ConfigError(f"config {path}: [study] must be a table")
+    variants = raw.get("variant")
+    if variants is None:
+        return settings, None
+    if not isinstance(variants, list) or not variants:
+        raise ConfigError(f"config {path}: 'variant' must be a non-empty array of tables ([[variant]])")
+    out = []
+    for i, v in enumerate(variants):
+        if not isinstance(v, dict):
+            raise ConfigError(f"config {path}: variant #{i + 1} must be a table")
+        fields = set(Variant.__dataclass_fields__)
+        bad = set(v) - fields
+        if bad:
+            raise ConfigError(f"config {path}: variant #{i + 1} has unknown keys {sorted(bad)}")
+        if "name" not in v:
+            raise ConfigError(f"config {path}: variant #{i + 1} has no 'name'")
+        out.append(Variant(**v))
+    return settings, out
+
+
+def resolve_settings(base: Dict[str, Any], *overrides: Dict[str, Any]) -> Dict[str, Any]:
+    settings = dict(base)
+    for o in overrides:
+        for key, value in o.items():
+            if value is None:
+                continue
+            if key not in _SETTING_TYPES:
+                raise ConfigError(f"unknown study setting {key!r} (known: {sorted(_SETTING_TYPES)})")
+            settings[key] = value
+    for key, kind in _SETTING_TYPES.items():
+        value = settings[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"setting {key!r} must be {kind.__name__}, got {value!r}")
+        settings[key] = value
+    for key in ("seeds", "epochs", "batch_size", "m", "embedding_size"):
+        if settings[key] < 1:
+            raise ConfigError(f"setting {key!r} must be >= 1, got {settings[key]}")
+    for key in ("lr", "loss_lr"):
+        if not settings[key] > 0:
+            raise ConfigError(f"setting {key!r} must be > 0, got {settings[key]}")
+    return settings
+
+
+def check_variants(variants: List[Variant]) -> None:
+    names = [v.name for v in variants]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"variant names must be unique, repeated: {dupes}")
+    for v in variants:
+        what = f"variant {v.name!r}"
+        if v.kind not in KINDS:
+            raise ConfigError(f"{what}: kind must be one of {KINDS}, got {v.kind!r}")
+        for key in ("loss_kwargs", "miner_kwargs", "memory_kwargs"):
+            if not isinstance(getattr(v, key), dict):
+                raise ConfigError(f"{what}: {key} must be a table")
+        if v.kind == "train" and not v.loss:
+            raise ConfigError(f"{what}: a trained variant needs 'loss'")
+
+
+def build_loss(v: Variant, embedding_size: int, num_classes: int):
+    """``(loss, miner)`` for a trained variant; the memory, if any, wraps the loss."""
+    what = f"variant {v.name!r}"
+    kwargs = copy.deepcopy(v.loss_kwargs)
+    if kwargs.get("num_classes") == "auto":
+        kwargs["num_classes"] = num_classes
+    loss = _construct(import_path(v.loss, f"{what} loss"), kwargs, f"{what} loss")
+    miner = None
+    if v.miner:
+        miner = _construct(import_path(v.miner, f"{what} miner"), v.miner_kwargs, f"{what} miner")
+    if v.memory:
+        cls = import_path(v.memory, f"{what} memory")
+        try:
+            loss = cls(loss, embedding_size, miner=miner, **v.memory_kwargs)
+        except Exception as exc:
+            raise ConfigError(f"{what} memory: {exc}") from None
+        miner = None
+    return loss, miner
+
+
+def _construct(cls, kwargs, what):
+    try:
+        return cls(**kwargs)
+    except Exception as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def variant_hash(v: Variant, settings: Dict[str, Any]) -> str:
+    """A short hash of everything that determines a variant's numbers except the seed."""
+    relevant = {k: settings[k] for k in sorted(settings) if k != "seeds"}
+    blob = json.dumps({"variant": v.as_dict(), "settings": relevant}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
