@@ -53,20 +53,25 @@ class _Problem(NamedTuple):
     labels: torch.Tensor
     ref_labels: torch.Tensor
     self_index: torch.Tensor
+    ref_norm_p: Optional[float] = None  # normalise reference blocks on the fly (p-norm)
 
     def starts(self, cols: int):
         return range(0, self.y.shape[0], cols)
 
+    def refs(self, c0: int, cols: int) -> torch.Tensor:
+        yb = self.y[c0:c0 + cols]
+        return yb if self.ref_norm_p is None else torch.nn.functional.normalize(yb, p=self.ref_norm_p, dim=1)
+
     def block(self, c0: int, cols: int) -> F_ms.Block:
         """The :class:`functional.Block` of references ``[c0, c0 + cols)``."""
-        S = self.x @ self.y[c0:c0 + cols].T
+        S = self.x @ self.refs(c0, cols).T
         return F_ms.block_from_labels(S, self.labels, self.ref_labels[c0:c0 + cols], self.self_index - c0, reuse=True)
 
 
 class _FusedMS(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg: _Config):
-        prob = _Problem(x, y, labels, ref_labels, self_index)
+    def forward(ctx, x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg: _Config, ref_norm_p):
+        prob = _Problem(x, y, labels, ref_labels, self_index, ref_norm_p)
         B = x.shape[0]
         keep = y.shape[0] <= cfg.cols
         with torch.autocast(x.device.type, enabled=False):
@@ -105,7 +110,7 @@ class _FusedMS(torch.autograd.Function):
             sides = F_ms.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
             losses, scales = zip(*(F_ms.side_finish(acc[k], shifts[k], s.coef, cfg.weighting) for k, s in enumerate(sides)))
             wsums = [(rsum[k] if cfg.weighting == "self" else acc[k]) * scales[k] for k in range(2)]
-        ctx.cfg, ctx.keep = cfg, keep
+        ctx.cfg, ctx.keep, ctx.ref_norm_p = cfg, keep, ref_norm_p
         ctx.save_for_backward(x, y, lam_pos, lam_neg, labels, ref_labels, self_index, *hard, *scales, *kept)
         outs = (cnt[0], cnt[1], wsums[0], wsums[1])
         ctx.mark_non_differentiable(*outs)
@@ -116,8 +121,10 @@ class _FusedMS(torch.autograd.Function):
         x, y, lam_pos, lam_neg, labels, ref_labels, self_index, min_pos, max_neg, *rest = ctx.saved_tensors
         scales, kept = rest[:2], rest[2:]
         cfg = ctx.cfg
-        prob = _Problem(x, y, labels, ref_labels, self_index)
+        prob = _Problem(x, y, labels, ref_labels, self_index, ctx.ref_norm_p)
         need_x, need_y, need_lp, need_ln = ctx.needs_input_grad[:4]
+        if need_y and ctx.ref_norm_p is not None:
+            raise RuntimeError("references normalised inside the kernel cannot receive gradients")
         with torch.autocast(x.device.type, enabled=False):
             g = g.to(x.dtype)
             a_pos, a_neg = g * scales[0], g * scales[1]  # w = R * scale, times the upstream grad
@@ -142,12 +149,12 @@ class _FusedMS(torch.autograd.Function):
                 G.index_put_((pa, pj), -Rp * a_pos[pa], accumulate=True)
                 c1 = c0 + G.shape[1]
                 if need_x:
-                    dx.addmm_(G, y[c0:c1])
+                    dx.addmm_(G, prob.refs(c0, cfg.cols))
                 if need_y:
                     dy[c0:c1] = G.T @ x
         d_lp = a_pos * sum_rp if need_lp else None  # dL/dlam_pos = +sum w_pos
         d_ln = -a_neg * sum_rn if need_ln else None  # dL/dlam_neg = -sum w_neg
-        return dx, dy, d_lp, d_ln, None, None, None, None
+        return dx, dy, d_lp, d_ln, None, None, None, None, None
 
 
 def ms_terms_fused(
@@ -164,6 +171,7 @@ def ms_terms_fused(
     epsilon: Optional[float] = None,
     chunk_size: Optional[int] = None,
     counts: bool = True,
+    ref_norm_p: Optional[float] = None,
 ) -> F_ms.MSTerms:
     """:func:`functional.ms_terms` for ``S = x @ y.T`` without storing ``(B, M)`` blocks.
 
@@ -172,22 +180,24 @@ def ms_terms_fused(
     anchor's own copy in ``y`` (``-1``: none); ``lam_pos``/``lam_neg``: ``(B,)``
     thresholds (may require grad). The sums run in float32 or wider.
     ``counts=False`` skips counting pairs (``num_pos``/``num_neg`` are then 0).
+    ``ref_norm_p``: if set, ``y`` is raw and each block of it is p-normalised
+    on the fly (no ``(M, D)`` copy; ``y`` must not require grad).
     """
     F_ms.check_weighting(weighting)
     dtype = F_ms.compute_dtype(x.dtype)
     x, y = x.to(dtype), y.to(dtype)
     cfg = _Config(float(alpha), float(beta), epsilon, weighting, chunk_columns(x.shape[0], chunk_size), counts)
-    out = _FusedMS.apply(x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index, cfg)
+    out = _FusedMS.apply(x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index, cfg, ref_norm_p)
     return F_ms.MSTerms(*out)
 
 
 @torch.no_grad()
-def centre_sums(x, y, labels, ref_labels, self_index, chunk_size: Optional[int] = None):
+def centre_sums(x, y, labels, ref_labels, self_index, chunk_size: Optional[int] = None, ref_norm_p=None):
     """:func:`functional.block_row_sums` of ``x @ y.T``, block by block."""
     dtype = F_ms.compute_dtype(x.dtype)
     x, y = x.to(dtype), y.to(dtype)
     cols = chunk_columns(x.shape[0], chunk_size)
-    prob = _Problem(x, y, labels, ref_labels, self_index)
+    prob = _Problem(x, y, labels, ref_labels, self_index, ref_norm_p)
     total = None
     for c0 in prob.starts(cols):
         part = F_ms.block_row_sums(prob.block(c0, cols))

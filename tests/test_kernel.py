@@ -87,3 +87,19 @@ def test_chunk_columns():
     assert _kernel.chunk_columns(256, None) == 2**22 // 256
     assert _kernel.chunk_columns(256, 3) == 3
     assert _kernel.chunk_columns(10**9, None) == 1
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 6])
+def test_references_normalised_block_by_block(device, chunk_size):
+    x, y = make_batch(8, n=20, dim=8, device=device, dtype=torch.float64)
+    ref, ref_y = make_batch(9, n=30, dim=8, device=device, dtype=torch.float64, requires_grad=False)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    self_index = torch.full((20,), -1, device=device)
+    lam = torch.full((20,), 0.5, dtype=torch.float64, device=device)
+    kw = dict(alpha=2.0, beta=50.0, epsilon=0.1, chunk_size=chunk_size)
+    upfront = _kernel.ms_terms_fused(xn, torch.nn.functional.normalize(ref, dim=1), y, ref_y, self_index, lam, lam, **kw)
+    (g_upfront,) = torch.autograd.grad(upfront.losses.sum(), x, retain_graph=True)
+    on_the_fly = _kernel.ms_terms_fused(xn, ref, y, ref_y, self_index, lam, lam, ref_norm_p=2, **kw)
+    (g_on_the_fly,) = torch.autograd.grad(on_the_fly.losses.sum(), x)
+    torch.testing.assert_close(on_the_fly.losses, upfront.losses)
+    torch.testing.assert_close(g_on_the_fly, g_upfront)

@@ -168,20 +168,29 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         d = self.distance
         dtype = F_ms.compute_dtype(embeddings.dtype)
         x = d.maybe_normalize(embeddings.to(dtype))
-        y = x if ref_emb is embeddings else d.maybe_normalize(ref_emb.to(dtype))
+        ref_norm_p = None
+        if ref_emb is embeddings:
+            y = x
+        elif d.normalize_embeddings and not ref_emb.requires_grad:
+            y, ref_norm_p = ref_emb.to(dtype), d.p  # e.g. a memory: normalised block by block
+        else:
+            y = d.maybe_normalize(ref_emb.to(dtype))
         if d.collect_stats:
             d.reset_stats()
-            d.set_default_stats(embeddings, ref_emb, x, y)
+            d.set_default_stats(embeddings, ref_emb, x, y if ref_norm_p is None else d.maybe_normalize(y))
         if self_index is None:
             self_index = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
 
         def centre_sums():
-            return _kernel.centre_sums(x.detach(), y.detach(), labels, ref_labels, self_index, self.chunk_size)
+            return _kernel.centre_sums(
+                x.detach(), y.detach(), labels, ref_labels, self_index, self.chunk_size, ref_norm_p
+            )
 
         lam_pos, lam_neg = self._thresholds(labels, len(x), x.dtype, x.device, centre_sums)
         return _kernel.ms_terms_fused(
             x, y, labels, ref_labels, self_index, lam_pos, lam_neg,
             self.alpha, self.beta, self.weighting, self.epsilon, self.chunk_size, self.collect_stats,
+            ref_norm_p,
         )
 
     def _dense_problem(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, self_index, masks):
