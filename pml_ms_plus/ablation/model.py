@@ -7,15 +7,17 @@ from torch import nn
 
 
 class SmallCNN(nn.Module):
-    """Two 3x3 conv blocks and a linear embedding, for 1 x 14 x 14 inputs."""
+    """Two 3x3 conv layers, global max pooling (the digits sit anywhere on the canvas)
+    and a linear embedding, for 1 x H x W inputs."""
 
     def __init__(self, embedding_size: int):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveMaxPool2d(1),
         )
-        self.embed = nn.Linear(32 * 3 * 3, embedding_size)
+        self.embed = nn.Linear(64, embedding_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(self.features(x).flatten(1))
