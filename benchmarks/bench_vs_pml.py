@@ -109,7 +109,6 @@ def make_step(case, impl, device):
         xbm.label_memory.copy_(mem_y)
     xbm.has_been_filled = True
     xbm.queue_idx = 0
-    del mem
 
     def run():
         xbm(x, y).backward()
