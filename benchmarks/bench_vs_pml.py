@@ -42,7 +42,9 @@ def cases(tiny: bool):
         return [
             dict(name="in-batch B=32", kind="batch", batch=32, reps=2),
             dict(name="memory B=16 M=256", kind="memory", batch=16, memory=256, reps=2),
-            dict(name="memory B=16 M=1024 (ours only)", kind="memory", batch=16, memory=1024, reps=1, pml=False),
+            dict(
+                name="memory B=16 M=1024 (ours only)", kind="memory", batch=16, memory=1024, reps=1, pml=False
+            ),
         ]
     return [
         dict(name="in-batch B=128", kind="batch", batch=128, reps=30),
@@ -51,8 +53,22 @@ def cases(tiny: bool):
         dict(name="memory B=256 M=4,096", kind="memory", batch=256, memory=4096, reps=15),
         dict(name="memory B=256 M=16,384", kind="memory", batch=256, memory=16384, reps=9),
         dict(name="memory B=256 M=65,536", kind="memory", batch=256, memory=65536, reps=5),
-        dict(name="memory B=256 M=262,144 (ours only)", kind="memory", batch=256, memory=262144, reps=3, pml=False),
-        dict(name="memory B=256 M=1,048,576 (ours only)", kind="memory", batch=256, memory=1048576, reps=1, pml=False),
+        dict(
+            name="memory B=256 M=262,144 (ours only)",
+            kind="memory",
+            batch=256,
+            memory=262144,
+            reps=3,
+            pml=False,
+        ),
+        dict(
+            name="memory B=256 M=1,048,576 (ours only)",
+            kind="memory",
+            batch=256,
+            memory=1048576,
+            reps=1,
+            pml=False,
+        ),
     ]
 
 
@@ -69,7 +85,9 @@ def make_step(case, impl, device):
     dim = case.get("dim", DIM)
     x = torch.randn(B, dim, generator=g).to(device).requires_grad_(True)
     n_classes = NUM_CLASSES_IN_MEMORY if case["kind"] == "memory" else max(1, B // SAMPLES_PER_CLASS)
-    y = (torch.randperm(n_classes, generator=g)[: B // SAMPLES_PER_CLASS].repeat_interleave(SAMPLES_PER_CLASS)).to(device)
+    y = (
+        torch.randperm(n_classes, generator=g)[: B // SAMPLES_PER_CLASS].repeat_interleave(SAMPLES_PER_CLASS)
+    ).to(device)
 
     if case["kind"] == "batch":
         if impl == "pml":
@@ -87,6 +105,7 @@ def make_step(case, impl, device):
 
             def run():
                 (x @ x.T).backward(grad)
+
         return run
 
     M = case["memory"]
@@ -97,6 +116,7 @@ def make_step(case, impl, device):
 
         def run():
             (x @ mem.T).backward(grad)
+
         return run
     if impl == "pml":
         xbm = pml_losses.CrossBatchMemory(
@@ -112,6 +132,7 @@ def make_step(case, impl, device):
 
     def run():
         xbm(x, y).backward()
+
     return run
 
 
@@ -213,9 +234,16 @@ def main(argv=None):
     import pytorch_metric_learning
 
     meta = dict(
-        machine=(torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"),
-        torch=torch.__version__, pml=pytorch_metric_learning.__version__, device=args.device,
-        threads=torch.get_num_threads(), date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        machine=(
+            torch.cuda.get_device_name()
+            if device.type == "cuda"
+            else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+        ),
+        torch=torch.__version__,
+        pml=pytorch_metric_learning.__version__,
+        device=args.device,
+        threads=torch.get_num_threads(),
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     )
     rows = []
     for case in cases(args.tiny):
@@ -224,7 +252,10 @@ def main(argv=None):
         impls = (["pml"] if case.get("pml", True) else []) + ["ours", "floor"]
         ms = time_case(case, device, impls)
         row = dict(
-            case=case["name"], pml_ms=ms.get("pml"), ours_ms=ms["ours"], floor_ms=ms["floor"],
+            case=case["name"],
+            pml_ms=ms.get("pml"),
+            ours_ms=ms["ours"],
+            floor_ms=ms["floor"],
             pml_mb=peak_memory(case, "pml", device) if "pml" in impls else None,
             ours_mb=peak_memory(case, "ours", device),
         )

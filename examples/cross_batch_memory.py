@@ -1,6 +1,6 @@
 """The same loop with cross-batch memory (XBM): swap PML's CrossBatchMemory import for ours.
 
-    python examples/cross_batch_memory.py [--steps 200]
+python examples/cross_batch_memory.py [--steps 200]
 """
 
 import argparse
@@ -21,8 +21,12 @@ def main(steps: int) -> float:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     # the XBM paper's schedule: in-batch loss only for a warm-up, then batch + memory
     loss_func = losses.CrossBatchMemory(
-        losses.MSLoss(epsilon=0.1), embedding_size=32, memory_size=800,
-        start_iteration=min(50, steps // 2), batch_weight=1.0, memory_weight=1.0,
+        losses.MSLoss(epsilon=0.1),
+        embedding_size=32,
+        memory_size=800,
+        start_iteration=min(50, steps // 2),
+        batch_weight=1.0,
+        memory_weight=1.0,
     )
     sampler = MPerClassSampler(y, m=8, batch_size=80, length_before_new_iter=80 * steps)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=80, sampler=sampler)

@@ -1,6 +1,6 @@
 """A plain PML training loop where MSLoss replaces PML's MultiSimilarityLoss + miner.
 
-    python examples/drop_in_pml_loop.py [--steps 200]
+python examples/drop_in_pml_loop.py [--steps 200]
 """
 
 import argparse

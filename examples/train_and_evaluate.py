@@ -1,6 +1,6 @@
 """Train on digits 0-4, evaluate retrieval on the unseen digits 5-9 with PML's AccuracyCalculator.
 
-    python examples/train_and_evaluate.py [--epochs 20]
+python examples/train_and_evaluate.py [--epochs 20]
 """
 
 import argparse
@@ -28,8 +28,11 @@ def main(epochs: int) -> dict:
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_func = losses.MSLoss(epsilon=0.1, collect_stats=True)
-    calc = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"), k="max_bin_count",
-                              device=torch.device("cpu"))
+    calc = AccuracyCalculator(
+        include=("mean_average_precision_at_r", "precision_at_1"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+    )
     before = calc.get_accuracy(embed(model, x[test]), y[test])
     xt, yt = x[train], y[train]
     sampler = MPerClassSampler(yt, m=16, batch_size=80, length_before_new_iter=len(yt))
@@ -40,8 +43,10 @@ def main(epochs: int) -> dict:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        print(f"epoch {epoch:3d}  loss {loss.item():.4f}  pairs +{loss_func.num_pos_pairs}/-{loss_func.num_neg_pairs}"
-              f"  mean weight +{loss_func.mean_pos_weight:.3f}/-{loss_func.mean_neg_weight:.3f}")
+        print(
+            f"epoch {epoch:3d}  loss {loss.item():.4f}  pairs +{loss_func.num_pos_pairs}/-{loss_func.num_neg_pairs}"
+            f"  mean weight +{loss_func.mean_pos_weight:.3f}/-{loss_func.mean_neg_weight:.3f}"
+        )
     after = calc.get_accuracy(embed(model, x[test]), y[test])
     for name in before:
         print(f"{name}: untrained {before[name]:.3f} -> trained {after[name]:.3f}")

@@ -9,13 +9,23 @@ import torch
 
 
 def positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def non_negative(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -46,10 +56,6 @@ def embeddings_and_labels(
             shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
             raise ValueError(f"{labels_name} must be a 1D tensor, got {shape}")
         if len(labels) != len(embeddings):
-            raise ValueError(
-                f"{labels_name} has {len(labels)} entries but {name} has {len(embeddings)} rows"
-            )
+            raise ValueError(f"{labels_name} has {len(labels)} entries but {name} has {len(embeddings)} rows")
     if check_finite and embeddings.numel() and not bool(torch.isfinite(embeddings).all()):
-        raise ValueError(
-            f"{name} contain NaN or inf (pass check_finite=False for NaN-in, NaN-out behaviour)"
-        )
+        raise ValueError(f"{name} contain NaN or inf (pass check_finite=False for NaN-in, NaN-out behaviour)")

@@ -59,13 +59,15 @@ class _Problem(NamedTuple):
         return range(0, self.y.shape[0], cols)
 
     def refs(self, c0: int, cols: int) -> torch.Tensor:
-        yb = self.y[c0:c0 + cols]
+        yb = self.y[c0 : c0 + cols]
         return yb if self.ref_norm_p is None else torch.nn.functional.normalize(yb, p=self.ref_norm_p, dim=1)
 
     def block(self, c0: int, cols: int) -> F_ms.Block:
         """The :class:`functional.Block` of references ``[c0, c0 + cols)``."""
         S = self.x @ self.refs(c0, cols).T
-        return F_ms.block_from_labels(S, self.labels, self.ref_labels[c0:c0 + cols], self.self_index - c0, reuse=True)
+        return F_ms.block_from_labels(
+            S, self.labels, self.ref_labels[c0 : c0 + cols], self.self_index - c0, reuse=True
+        )
 
 
 class _FusedMS(torch.autograd.Function):
@@ -93,8 +95,16 @@ class _FusedMS(torch.autograd.Function):
             for c0 in prob.starts(cfg.cols):
                 blk = block if keep else prob.block(c0, cfg.cols)
                 blk, parts, shifts, num = F_ms.block_terms(
-                    blk, cfg.alpha, cfg.beta, lam_pos, lam_neg, cfg.weighting, cfg.epsilon, hard,
-                    reuse=True, counts=cfg.counts,
+                    blk,
+                    cfg.alpha,
+                    cfg.beta,
+                    lam_pos,
+                    lam_neg,
+                    cfg.weighting,
+                    cfg.epsilon,
+                    hard,
+                    reuse=True,
+                    counts=cfg.counts,
                 )
                 (Rp, acc_p), (Rn, acc_n) = parts
                 acc[0] += acc_p
@@ -108,7 +118,9 @@ class _FusedMS(torch.autograd.Function):
                 if keep:
                     kept = [blk.pa, blk.pj, Rp, Rn]
             sides = F_ms.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
-            losses, scales = zip(*(F_ms.side_finish(acc[k], shifts[k], s.coef, cfg.weighting) for k, s in enumerate(sides)))
+            losses, scales = zip(
+                *(F_ms.side_finish(acc[k], shifts[k], s.coef, cfg.weighting) for k, s in enumerate(sides))
+            )
             wsums = [(rsum[k] if cfg.weighting == "self" else acc[k]) * scales[k] for k in range(2)]
         ctx.cfg, ctx.keep, ctx.ref_norm_p = cfg, keep, ref_norm_p
         ctx.save_for_backward(x, y, lam_pos, lam_neg, labels, ref_labels, self_index, *hard, *scales, *kept)
@@ -137,8 +149,15 @@ class _FusedMS(torch.autograd.Function):
                     pa, pj, Rp, Rn = kept
                 else:
                     blk, ((Rp, _), (Rn, _)), _, _ = F_ms.block_terms(
-                        prob.block(c0, cfg.cols), cfg.alpha, cfg.beta, lam_pos, lam_neg,
-                        cfg.weighting, cfg.epsilon, (min_pos, max_neg), reuse=True,
+                        prob.block(c0, cfg.cols),
+                        cfg.alpha,
+                        cfg.beta,
+                        lam_pos,
+                        lam_neg,
+                        cfg.weighting,
+                        cfg.epsilon,
+                        (min_pos, max_neg),
+                        reuse=True,
                     )
                     pa, pj = blk.pa, blk.pj
                 if need_lp:
@@ -186,8 +205,12 @@ def ms_terms_fused(
     F_ms.check_weighting(weighting)
     dtype = F_ms.compute_dtype(x.dtype)
     x, y = x.to(dtype), y.to(dtype)
-    cfg = _Config(float(alpha), float(beta), epsilon, weighting, chunk_columns(x.shape[0], chunk_size), counts)
-    out = _FusedMS.apply(x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index, cfg, ref_norm_p)
+    cfg = _Config(
+        float(alpha), float(beta), epsilon, weighting, chunk_columns(x.shape[0], chunk_size), counts
+    )
+    out = _FusedMS.apply(
+        x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index, cfg, ref_norm_p
+    )
     return F_ms.MSTerms(*out)
 
 

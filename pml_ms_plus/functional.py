@@ -178,7 +178,9 @@ def mine_(block: Block, epsilon: float, min_pos: torch.Tensor, max_neg: torch.Te
     return block._replace(sp=sp)
 
 
-def mined_pairs(block: Block, epsilon: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def mined_pairs(
+    block: Block, epsilon: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pairs the hard-pair rule keeps, as PML's ``(a1, p, a2, n)`` (``Vn`` is overwritten)."""
     block = mine_(block, epsilon, *hardest(block))
     kept = block.kept_pos()
@@ -313,7 +315,10 @@ def block_terms(
         block = mine_(block, epsilon, *hard)
     num = None
     if counts:
-        num = (torch.bincount(block.pa[block.kept_pos()], minlength=block.Vn.shape[0]), block.kept_neg().sum(1))
+        num = (
+            torch.bincount(block.pa[block.kept_pos()], minlength=block.Vn.shape[0]),
+            block.kept_neg().sum(1),
+        )
     out, shifts = [], []
     for side, V, rows in zip(sides(alpha, beta, lam_pos, lam_neg), (block.sp, block.Vn), (block.pa, None)):
         shift = side_shift(side.max_exponent(*hard), weighting)
@@ -329,7 +334,9 @@ def _terms(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon):
     B = S.shape[0]
     block = block_from_masks(S, pos, neg)
     lam_pos, lam_neg = _as_row(lam_pos, B, S), _as_row(lam_neg, B, S)
-    block, parts, shifts, num = block_terms(block, alpha, beta, lam_pos, lam_neg, weighting, epsilon, counts=True)
+    block, parts, shifts, num = block_terms(
+        block, alpha, beta, lam_pos, lam_neg, weighting, epsilon, counts=True
+    )
     result = []
     for side, (R, acc), shift in zip(sides(alpha, beta, lam_pos, lam_neg), parts, shifts):
         loss, scale = side_finish(acc, shift, side.coef, weighting)

@@ -39,8 +39,15 @@ miner = "pml_ms_plus.miners.MultiSimilarityMiner"
 miner_kwargs = { epsilon = 0.1 }
 """
 
-OUTPUTS = ["results.csv", "results.json", "summary.md", "metrics.png", "training_loss.png",
-           "config.resolved.json", "versions.json"]
+OUTPUTS = [
+    "results.csv",
+    "results.json",
+    "summary.md",
+    "metrics.png",
+    "training_loss.png",
+    "config.resolved.json",
+    "versions.json",
+]
 
 
 def write(tmp_path, name, text):
@@ -150,15 +157,24 @@ def test_bad_input_exits_2_and_touches_nothing(tmp_path, capsys, case, message):
     elif case == "npz_mismatch":
         args += ["--dataset", make_npz(tmp_path, "b.npz", x=x, y=np.arange(29) % 3)]
     elif case == "one_train_class":
-        args += ["--dataset", make_npz(tmp_path, "c.npz", x=x, y=np.arange(30) % 3, train_classes=np.array([0]))]
+        args += [
+            "--dataset",
+            make_npz(tmp_path, "c.npz", x=x, y=np.arange(30) % 3, train_classes=np.array([0])),
+        ]
     elif case == "bad_toml":
         args += ["--config", write(tmp_path, "c.toml", "[study\nseeds = ")]
     elif case == "missing_config":
         args += ["--config", str(tmp_path / "none.toml")]
     elif case == "bad_import":
-        args += ["--config", write(tmp_path, "c.toml", '[[variant]]\nname = "a"\nloss = "not_a_module.Loss"\n')]
+        args += [
+            "--config",
+            write(tmp_path, "c.toml", '[[variant]]\nname = "a"\nloss = "not_a_module.Loss"\n'),
+        ]
     elif case == "bad_attribute":
-        args += ["--config", write(tmp_path, "c.toml", '[[variant]]\nname = "a"\nloss = "pml_ms_plus.losses.NoSuchLoss"\n')]
+        args += [
+            "--config",
+            write(tmp_path, "c.toml", '[[variant]]\nname = "a"\nloss = "pml_ms_plus.losses.NoSuchLoss"\n'),
+        ]
     elif case == "bad_kwargs":
         text = '[[variant]]\nname = "a"\nloss = "pml_ms_plus.losses.MSLoss"\nloss_kwargs = { epsilon = -1 }\n'
         args += ["--config", write(tmp_path, "c.toml", text)]
@@ -171,7 +187,14 @@ def test_bad_input_exits_2_and_touches_nothing(tmp_path, capsys, case, message):
     elif case == "bad_seeds":
         args += ["--seeds", "0"]
     elif case == "duplicate_names":
-        args += ["--config", write(tmp_path, "c.toml", '[[variant]]\nname = "a"\nkind = "raw"\n[[variant]]\nname = "a"\nkind = "raw"\n')]
+        args += [
+            "--config",
+            write(
+                tmp_path,
+                "c.toml",
+                '[[variant]]\nname = "a"\nkind = "raw"\n[[variant]]\nname = "a"\nkind = "raw"\n',
+            ),
+        ]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pml-ms-plus: error: ")

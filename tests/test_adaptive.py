@@ -59,7 +59,11 @@ def hand_loop(x, y, thresholds=None, margin=MARGIN, epsilon=None, distance="cosi
 @pytest.mark.parametrize("distance", ["cosine", "lp"])
 def test_anchor_mode_by_hand(device, epsilon, distance):
     x, y = make_batch(3, n=20, dim=6, classes=4, device="cpu", dtype=torch.float64)
-    dist = pml_distances.CosineSimilarity() if distance == "cosine" else pml_distances.LpDistance(normalize_embeddings=False)
+    dist = (
+        pml_distances.CosineSimilarity()
+        if distance == "cosine"
+        else pml_distances.LpDistance(normalize_embeddings=False)
+    )
     base = BASE if distance == "cosine" else 2.0
     loss_fn = losses.AdaptiveMSLoss(epsilon=epsilon, distance=dist, base=base, reducer=DoNothingReducer())
     xd = x.detach().to(device).requires_grad_(True)
@@ -74,9 +78,13 @@ def test_anchor_mode_by_hand(device, epsilon, distance):
 @pytest.mark.parametrize("epsilon", [None, 0.1])
 def test_learned_mode_by_hand_with_threshold_gradients(device, epsilon):
     x, y = make_batch(4, n=18, dim=6, classes=3, device="cpu", dtype=torch.float64)  # classes 0..2 of 5
-    loss_fn = losses.AdaptiveMSLoss(
-        epsilon=epsilon, margin_mode="learned", num_classes=5, reducer=DoNothingReducer()
-    ).double().to(device)
+    loss_fn = (
+        losses.AdaptiveMSLoss(
+            epsilon=epsilon, margin_mode="learned", num_classes=5, reducer=DoNothingReducer()
+        )
+        .double()
+        .to(device)
+    )
     with torch.no_grad():
         loss_fn.thresholds.copy_(torch.tensor([0.3, 0.45, 0.6, 0.2, 0.7], dtype=torch.float64))
     xd = x.detach().to(device).requires_grad_(True)
@@ -163,7 +171,9 @@ def test_bad_labels_and_embeddings(device):
 
 def test_inside_cross_batch_memory_and_distributed_wrapper(device):
     xbm = losses.CrossBatchMemory(
-        losses.AdaptiveMSLoss(epsilon=0.1, margin_mode="learned", margin=0.0, num_classes=6), 16, memory_size=64
+        losses.AdaptiveMSLoss(epsilon=0.1, margin_mode="learned", margin=0.0, num_classes=6),
+        16,
+        memory_size=64,
     ).to(device)
     plain = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), 16, memory_size=64).to(device)
     for step in range(4):

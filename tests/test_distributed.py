@@ -31,17 +31,22 @@ def worker(rank, init_file, out_dir):
         records = []
         for step in range(STEPS):
             x, y = full_batch(step)
-            local = x[rank * LOCAL:(rank + 1) * LOCAL].clone().requires_grad_(True)
-            local_y = y[rank * LOCAL:(rank + 1) * LOCAL]
+            local = x[rank * LOCAL : (rank + 1) * LOCAL].clone().requires_grad_(True)
+            local_y = y[rank * LOCAL : (rank + 1) * LOCAL]
             value = native(local, local_y)
             (grad,) = torch.autograd.grad(value, local)
             before = wrapped_inner.queue_idx
             wrapped(local.detach(), local_y)
-            records.append(dict(
-                loss=value.detach(), grad=grad, memory=native.embedding_memory.clone(),
-                labels=native.label_memory.clone(), queue_idx=native.queue_idx,
-                wrapped_advance=(wrapped_inner.queue_idx - before) % MEMORY,
-            ))
+            records.append(
+                dict(
+                    loss=value.detach(),
+                    grad=grad,
+                    memory=native.embedding_memory.clone(),
+                    labels=native.label_memory.clone(),
+                    queue_idx=native.queue_idx,
+                    wrapped_advance=(wrapped_inner.queue_idx - before) % MEMORY,
+                )
+            )
         torch.save(records, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -68,6 +73,6 @@ def test_two_ranks_share_one_memory_and_match_a_single_process():
         # and DDP's gradient averaging gives the single-process gradient
         torch.testing.assert_close((r0["loss"] + r1["loss"]) / WORLD, expected.detach())
         for r, rec in enumerate((r0, r1)):
-            torch.testing.assert_close(rec["grad"] / WORLD, expected_grad[r * LOCAL:(r + 1) * LOCAL])
+            torch.testing.assert_close(rec["grad"] / WORLD, expected_grad[r * LOCAL : (r + 1) * LOCAL])
         # inside PML's DistributedLossWrapper the batch is gathered once, not twice
         assert r0["wrapped_advance"] == WORLD * LOCAL

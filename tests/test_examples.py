@@ -21,7 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )
 def test_example_scripts_run(script, args):
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", script), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, os.path.join(ROOT, "examples", script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "final loss" in result.stdout or "trained" in result.stdout

@@ -32,7 +32,9 @@ def dense_and_fused(device, weighting, epsilon, chunk_size, self_copies, seed=0,
     pos, neg = F_ms.pair_masks(y, ref_y, self_index)
     dense = F_ms.ms_terms(xn @ rn.T, pos, neg, lam_pos=lam_pos, lam_neg=lam_neg, **kw)
     g_dense = torch.autograd.grad((dense.losses * upstream).sum(), inputs, retain_graph=True)
-    fused = _kernel.ms_terms_fused(xn, rn, y, ref_y, self_index, lam_pos, lam_neg, chunk_size=chunk_size, **kw)
+    fused = _kernel.ms_terms_fused(
+        xn, rn, y, ref_y, self_index, lam_pos, lam_neg, chunk_size=chunk_size, **kw
+    )
     g_fused = torch.autograd.grad((fused.losses * upstream).sum(), inputs)
     return dense, g_dense, fused, g_fused
 
@@ -97,7 +99,9 @@ def test_references_normalised_block_by_block(device, chunk_size):
     self_index = torch.full((20,), -1, device=device)
     lam = torch.full((20,), 0.5, dtype=torch.float64, device=device)
     kw = dict(alpha=2.0, beta=50.0, epsilon=0.1, chunk_size=chunk_size)
-    upfront = _kernel.ms_terms_fused(xn, torch.nn.functional.normalize(ref, dim=1), y, ref_y, self_index, lam, lam, **kw)
+    upfront = _kernel.ms_terms_fused(
+        xn, torch.nn.functional.normalize(ref, dim=1), y, ref_y, self_index, lam, lam, **kw
+    )
     (g_upfront,) = torch.autograd.grad(upfront.losses.sum(), x, retain_graph=True)
     on_the_fly = _kernel.ms_terms_fused(xn, ref, y, ref_y, self_index, lam, lam, ref_norm_p=2, **kw)
     (g_on_the_fly,) = torch.autograd.grad(on_the_fly.losses.sum(), x)

@@ -63,7 +63,7 @@ def test_parity_with_pml_over_distances_and_tuples(device, dtype, use_ref, kind,
     skip_if_half_unsupported(device, dtype)
     seed = hash((dist, kind, use_ref)) % 1000
     x, y = make_batch(seed, device=device, dtype=dtype)
-    ref, ref_y = (make_batch(seed + 1, n=24, device=device, dtype=dtype) if use_ref else (None, None))
+    ref, ref_y = make_batch(seed + 1, n=24, device=device, dtype=dtype) if use_ref else (None, None)
     inputs = (x, ref) if use_ref else (x,)
     tup = pml_tuple(kind, DISTANCES[dist](), x.detach(), y, None if ref is None else ref.detach(), ref_y)
     expected, g_expected = value_and_grads(
@@ -112,7 +112,7 @@ def test_parity_with_pml_over_reducers(device, dtype, kind, reducer, dist):
 def test_fused_mining_equals_miner_then_loss(device, dtype, use_ref, dist):
     skip_if_half_unsupported(device, dtype)
     x, y = make_batch(11, device=device, dtype=dtype)
-    ref, ref_y = (make_batch(12, n=40, device=device, dtype=dtype) if use_ref else (None, None))
+    ref, ref_y = make_batch(12, n=40, device=device, dtype=dtype) if use_ref else (None, None)
     inputs = (x, ref) if use_ref else (x,)
     xd, rd = x.detach(), None if ref is None else ref.detach()
     pml_pairs = pml_miners.MultiSimilarityMiner(0.1, distance=DISTANCES[dist]())(xd, y, rd, ref_y)
@@ -202,7 +202,7 @@ def test_gpw_modes_by_hand(device, weighting):
 @pytest.mark.parametrize("epsilon", [None, 0.1])
 def test_pair_weights_are_the_loss_derivative(device, weighting, epsilon):
     x, y = make_batch(3, n=24, device=device, dtype=torch.float64)
-    S = (torch.nn.functional.normalize(x.detach(), dim=1) @ torch.nn.functional.normalize(x.detach(), dim=1).T)
+    S = torch.nn.functional.normalize(x.detach(), dim=1) @ torch.nn.functional.normalize(x.detach(), dim=1).T
     S.requires_grad_(True)
     pos, neg = F_ms.pair_masks(y)
     kw = dict(weighting=weighting, epsilon=epsilon)
@@ -225,7 +225,9 @@ def test_stats(device, weighting):
     a1, p, a2, n = miners.MultiSimilarityMiner(0.1)(x.detach(), y)
     assert loss_fn.num_pos_pairs == len(a1) > 0
     assert loss_fn.num_neg_pairs == len(a2) > 0
-    per_anchor = losses.MSLoss(epsilon=0.1, weighting=weighting, reducer=pml_reducers.DoNothingReducer())(x, y)
+    per_anchor = losses.MSLoss(epsilon=0.1, weighting=weighting, reducer=pml_reducers.DoNothingReducer())(
+        x, y
+    )
     per_anchor = per_anchor["loss"]["losses"]
     assert loss_fn.num_nonzero_anchors == int((per_anchor > 0).sum())
     w_pos, w_neg = loss_fn.pair_weights(x.detach(), y)
@@ -253,7 +255,11 @@ def test_no_pairs_gives_zero_that_backpropagates(device, case):
     else:
         x, y = make_batch(2, n=8, classes=8, device=device)
         loss_fn = losses.MSLoss(epsilon=0.1)
-        tup = None if case == "all_distinct_mined" else tuple(torch.tensor([], dtype=torch.long) for _ in range(4))
+        tup = (
+            None
+            if case == "all_distinct_mined"
+            else tuple(torch.tensor([], dtype=torch.long) for _ in range(4))
+        )
     value = loss_fn(x, y, tup)
     assert float(value) == 0.0
     value.backward()

@@ -84,11 +84,17 @@ def lonely_anchor_reference(x, y, mem, mem_y, self_index, epsilon=0.1, alpha=2.0
 
 def test_own_copy_is_excluded_before_mining(device):
     # anchor 0 is the only member of class 9 anywhere: its only "positive" is its own copy
-    x, y = make_batch(40, n=BATCH, dim=DIM, classes=6, device=device, dtype=torch.float64, requires_grad=False)
+    x, y = make_batch(
+        40, n=BATCH, dim=DIM, classes=6, device=device, dtype=torch.float64, requires_grad=False
+    )
     y = y.clone()
     y[0] = 9
     x[0] = x[1] + 0.3 * x[2]  # close to some negatives, so PML mines them
-    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1, collect_stats=True), DIM, memory_size=MEMORY).double().to(device)
+    ours = (
+        losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1, collect_stats=True), DIM, memory_size=MEMORY)
+        .double()
+        .to(device)
+    )
     ours.loss.reducer = DoNothingReducer()
     theirs = pml_memory(device, torch.float64)
     theirs.loss.reducer = DoNothingReducer()
@@ -105,7 +111,12 @@ def test_own_copy_is_excluded_before_mining(device):
 
 def test_warm_up_and_weights(device):
     ours = losses.CrossBatchMemory(
-        losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY, start_iteration=2, batch_weight=0.5, memory_weight=2.0
+        losses.MSLoss(epsilon=0.1),
+        DIM,
+        memory_size=MEMORY,
+        start_iteration=2,
+        batch_weight=0.5,
+        memory_weight=2.0,
     ).to(device)
     plain = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device)
     in_batch = losses.MSLoss(epsilon=0.1)
@@ -122,12 +133,16 @@ def test_warm_up_and_weights(device):
 
 
 def test_checkpoint_round_trip_mid_training(device, tmp_path):
-    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY, start_iteration=3).to(device)
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY, start_iteration=3).to(
+        device
+    )
     batches = list(steps(device, torch.float32, n_steps=8))
     for x, y, _ in batches[:4]:
         ours(x, y)
     torch.save(ours.state_dict(), tmp_path / "xbm.pt")
-    resumed = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY, start_iteration=3).to(device)
+    resumed = losses.CrossBatchMemory(
+        losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY, start_iteration=3
+    ).to(device)
     resumed.load_state_dict(torch.load(tmp_path / "xbm.pt"))
     assert resumed.queue_idx == ours.queue_idx and int(resumed.iteration) == 4
     for x, y, _ in batches[4:]:

@@ -31,7 +31,11 @@ def pair_sets(tup):
 def test_same_pairs_as_pml(device, dtype, use_ref, epsilon, dist, seed):
     skip_if_half_unsupported(device, dtype)
     x, y = make_batch(seed, n=48, classes=7, device=device, dtype=dtype, requires_grad=False)
-    ref, ref_y = make_batch(seed + 50, n=30, classes=9, device=device, dtype=dtype, requires_grad=False) if use_ref else (None, None)
+    ref, ref_y = (
+        make_batch(seed + 50, n=30, classes=9, device=device, dtype=dtype, requires_grad=False)
+        if use_ref
+        else (None, None)
+    )
     theirs = pml_miners.MultiSimilarityMiner(epsilon, distance=DISTANCES[dist]())(x, y, ref, ref_y)
     ours_miner = miners.MultiSimilarityMiner(epsilon, distance=DISTANCES[dist](), collect_stats=True)
     ours = ours_miner(x, y, ref, ref_y)

@@ -28,7 +28,9 @@ class Study:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pml-ms-plus", description="MS-loss tools for pytorch-metric-learning.")
+    parser = argparse.ArgumentParser(
+        prog="pml-ms-plus", description="MS-loss tools for pytorch-metric-learning."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     ab = sub.add_parser(
         "ablate",
@@ -42,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--epochs", type=int, help="training epochs per run; default 15")
     ab.add_argument("--out", default="ablation_results", help="output directory (default: ablation_results)")
     ab.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ab.add_argument("--resume", action="store_true", help="skip the (variant, seed) runs already in results.csv")
+    ab.add_argument(
+        "--resume", action="store_true", help="skip the (variant, seed) runs already in results.csv"
+    )
     return parser
 
 
@@ -111,15 +115,22 @@ def run_study(study: Study, stream=None) -> List[Dict]:
     keep = {(r["variant"], r["seed"], r["config_hash"]) for r in study.done}
     rows = [r for r in study.done if hashes.get(r["variant"]) == r["config_hash"]]
     todo = [
-        (v, seed) for v in study.variants for seed in range(s["seeds"])
+        (v, seed)
+        for v in study.variants
+        for seed in range(s["seeds"])
         if (v.name, seed, hashes[v.name]) not in keep
     ]
     order = [v.name for v in study.variants]
     meta = dict(
-        dataset=study.data.name, description=study.data.description, device=str(study.device),
+        dataset=study.data.name,
+        description=study.data.description,
+        device=str(study.device),
         **{k: s[k] for k in ("epochs", "batch_size", "m", "embedding_size", "lr", "seeds")},
     )
-    resolved = {"study": s, "variant": [{**v.as_dict(), "config_hash": hashes[v.name]} for v in study.variants]}
+    resolved = {
+        "study": s,
+        "variant": [{**v.as_dict(), "config_hash": hashes[v.name]} for v in study.variants],
+    }
     vers = versions(study.device)
     os.makedirs(study.out, exist_ok=True)
     if study.done:
@@ -131,8 +142,14 @@ def run_study(study: Study, stream=None) -> List[Dict]:
             result = run(v, study.data, seed, s, study.device, on_epoch=lambda e, loss: bar.update(1))
             if v.kind != "train":
                 bar.update(1)
-            row = {"variant": v.name, "seed": seed, "config_hash": hashes[v.name], **result.metrics,
-                   "train_seconds": round(result.seconds, 3), "losses": result.losses}
+            row = {
+                "variant": v.name,
+                "seed": seed,
+                "config_hash": hashes[v.name],
+                **result.metrics,
+                "train_seconds": round(result.seconds, 3),
+                "losses": result.losses,
+            }
             rows.append(row)
             rows.sort(key=lambda r: (order.index(r["variant"]), r["seed"]))
             report.write_all(study.out, rows, order, meta, resolved, vers)
@@ -142,7 +159,10 @@ def run_study(study: Study, stream=None) -> List[Dict]:
                 file=stream,
             )
     report.write_all(study.out, rows, order, meta, resolved, vers)
-    print(f"\nwrote {study.out}/: results.csv, results.json, summary.md, metrics.png, training_loss.png", file=stream)
+    print(
+        f"\nwrote {study.out}/: results.csv, results.json, summary.md, metrics.png, training_loss.png",
+        file=stream,
+    )
     with open(os.path.join(study.out, "summary.md")) as f:
         print(f.read(), file=stream)
     return rows

@@ -60,18 +60,29 @@ DEFAULT_VARIANTS: List[Variant] = [
     _v("raw-input kNN", kind="raw"),
     _v("untrained network", kind="untrained"),
     _v("PML MS (all pairs)", "pytorch_metric_learning.losses.MultiSimilarityLoss"),
-    _v("PML MS + PML miner", "pytorch_metric_learning.losses.MultiSimilarityLoss",
-       miner="pytorch_metric_learning.miners.MultiSimilarityMiner", miner_kwargs={"epsilon": 0.1}),
+    _v(
+        "PML MS + PML miner",
+        "pytorch_metric_learning.losses.MultiSimilarityLoss",
+        miner="pytorch_metric_learning.miners.MultiSimilarityMiner",
+        miner_kwargs={"epsilon": 0.1},
+    ),
     _v("MSLoss(eps=0.1)", MS, loss_kwargs={"epsilon": 0.1}),
     _v("MSLoss(eps=0.1, self)", MS, loss_kwargs={"epsilon": 0.1, "weighting": "self"}),
     _v("MSLoss(eps=0.1, relative)", MS, loss_kwargs={"epsilon": 0.1, "weighting": "relative"}),
     _v("MSLoss (no mining)", MS),
     _v("Adaptive (anchor)", ADAPTIVE, loss_kwargs={"epsilon": 0.1, "margin_mode": "anchor"}),
-    _v("Adaptive (learned)", ADAPTIVE,
-       loss_kwargs={"epsilon": 0.1, "margin_mode": "learned", "num_classes": "auto"}),
-    _v("XBM + MSLoss(eps=0.1)", MS, loss_kwargs={"epsilon": 0.1},
-       memory="pml_ms_plus.losses.CrossBatchMemory", memory_kwargs={"memory_size": 320, "start_iteration": 50,
-                                                                    "batch_weight": 1.0}),
+    _v(
+        "Adaptive (learned)",
+        ADAPTIVE,
+        loss_kwargs={"epsilon": 0.1, "margin_mode": "learned", "num_classes": "auto"},
+    ),
+    _v(
+        "XBM + MSLoss(eps=0.1)",
+        MS,
+        loss_kwargs={"epsilon": 0.1},
+        memory="pml_ms_plus.losses.CrossBatchMemory",
+        memory_kwargs={"memory_size": 320, "start_iteration": 50, "batch_weight": 1.0},
+    ),
     _v("PML Contrastive", "pytorch_metric_learning.losses.ContrastiveLoss"),
 ]
 
@@ -111,7 +122,9 @@ def load_config(path: str):
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     unknown = set(raw) - {"study", "variant"}
     if unknown:
-        raise ConfigError(f"config {path}: unknown top-level keys {sorted(unknown)} (expected 'study', 'variant')")
+        raise ConfigError(
+            f"config {path}: unknown top-level keys {sorted(unknown)} (expected 'study', 'variant')"
+        )
     settings = raw.get("study", {})
     if not isinstance(settings, dict):
         raise ConfigError(f"config {path}: [study] must be a table")

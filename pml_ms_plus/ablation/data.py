@@ -87,7 +87,11 @@ def digits() -> Data:
     return Data(
         "digits",
         "sklearn digits, 8x8 placed at random on a 14x14 canvas with noise 0.1; train 0-4, evaluate 5-9",
-        train_x, train_y, test_x, test_y, True,
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        True,
         lambda idx, g: place_on_canvas(train_x[idx], g),
     )
 
@@ -112,8 +116,14 @@ def synthetic(seed: int = 0) -> Data:
     x = (np.concatenate([sig, nuis], axis=1) @ rotation).astype(np.float32)
     train_x, train_y, test_x, test_y = _split(x, y, train_classes=np.arange(n_classes // 2))
     return Data(
-        "synthetic", "synthetic: 300 classes in 60 confusable groups, 48 shared nuisance dims; train 0-149",
-        train_x, train_y, test_x, test_y, False, lambda idx, g: train_x[idx],
+        "synthetic",
+        "synthetic: 300 classes in 60 confusable groups, 48 shared nuisance dims; train 0-149",
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        False,
+        lambda idx, g: train_x[idx],
     )
 
 
@@ -139,8 +149,14 @@ def from_npz(path: str) -> Data:
     train_x, train_y, test_x, test_y = _split(x.astype(np.float32), y, arrays.get("train_classes"))
     name = os.path.basename(path)
     return Data(
-        name, f"{name}: {x.shape[1]}-d features, {len(np.unique(y))} classes",
-        train_x, train_y, test_x, test_y, False, lambda idx, g: train_x[idx],
+        name,
+        f"{name}: {x.shape[1]}-d features, {len(np.unique(y))} classes",
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        False,
+        lambda idx, g: train_x[idx],
     )
 
 

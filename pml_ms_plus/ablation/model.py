@@ -13,8 +13,11 @@ class SmallCNN(nn.Module):
     def __init__(self, embedding_size: int):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
             nn.AdaptiveMaxPool2d(1),
         )
         self.embed = nn.Linear(64, embedding_size)

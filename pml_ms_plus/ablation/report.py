@@ -95,7 +95,9 @@ def summary_markdown(summary: List[Dict], meta: Dict) -> str:
             mean, std = e[m]
             text = f"{mean:.3f} ± {std:.3f}"
             cells.append(f"**{text}**" if mean == best[m] else text)
-        lines.append(f"| {e['variant']} | {e['seeds']} | " + " | ".join(cells) + f" | {e['train_seconds']:.1f} |")
+        lines.append(
+            f"| {e['variant']} | {e['seeds']} | " + " | ".join(cells) + f" | {e['train_seconds']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -156,7 +158,9 @@ def _save(fig, path: str) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def write_all(out_dir: str, rows: List[Dict], order: List[str], meta: Dict, resolved: Dict, versions: Dict) -> None:
+def write_all(
+    out_dir: str, rows: List[Dict], order: List[str], meta: Dict, resolved: Dict, versions: Dict
+) -> None:
     """Every output file from the rows so far (``results.csv`` first)."""
     write_atomic(os.path.join(out_dir, "results.csv"), rows_to_csv(rows))
     summary = summarise(rows, order)

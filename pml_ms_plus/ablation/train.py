@@ -42,7 +42,7 @@ def embed(model: Optional[torch.nn.Module], x: torch.Tensor, device, batch: int 
     if model is None:
         return x.flatten(1)
     model.eval()
-    out = [model(x[i:i + batch].to(device)).cpu() for i in range(0, len(x), batch)]
+    out = [model(x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)]
     return torch.cat(out)
 
 
@@ -67,7 +67,9 @@ def run(
     start = time.perf_counter()
     seed_everything(seed)
     if variant.kind == "raw":
-        return RunResult(evaluate(embed(None, data.test_x, device), data.test_y), [], time.perf_counter() - start)
+        return RunResult(
+            evaluate(embed(None, data.test_x, device), data.test_y), [], time.perf_counter() - start
+        )
     model = build_model(data, settings["embedding_size"]).to(device)
     losses: List[float] = []
     if variant.kind == "train":
@@ -83,7 +85,10 @@ def train(model, variant, data, seed, settings, device, on_epoch=None) -> List[f
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     loss_optimizer = torch.optim.SGD(loss_params, lr=settings["loss_lr"]) if loss_params else None
     sampler = MPerClassSampler(
-        data.train_y, settings["m"], batch_size=settings["batch_size"], length_before_new_iter=len(data.train_y)
+        data.train_y,
+        settings["m"],
+        batch_size=settings["batch_size"],
+        length_before_new_iter=len(data.train_y),
     )
     generator = torch.Generator().manual_seed(seed)
     bs = settings["batch_size"]
@@ -93,7 +98,7 @@ def train(model, variant, data, seed, settings, device, on_epoch=None) -> List[f
         order = torch.tensor(list(iter(sampler)))
         total, steps = 0.0, 0
         for i in range(0, len(order) - bs + 1, bs):
-            idx = order[i:i + bs]
+            idx = order[i : i + bs]
             x = data.make_batch(idx, generator).to(device)
             y = data.train_y[idx].to(device)
             emb = model(x)

@@ -135,7 +135,9 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     def add_to_memory(self, embeddings, labels, batch_size=None):
         n = len(embeddings)
         start = self.queue_idx
-        self.curr_batch_idx = torch.arange(start, start + n, device=self.embedding_memory.device) % self.memory_size
+        self.curr_batch_idx = (
+            torch.arange(start, start + n, device=self.embedding_memory.device) % self.memory_size
+        )
         self.embedding_memory[self.curr_batch_idx] = embeddings.detach().to(self.embedding_memory)
         self.label_memory[self.curr_batch_idx] = labels.detach().to(self.label_memory)
         if start + n >= self.memory_size:
@@ -159,13 +161,13 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         if queue_mask is not None:
             queue_emb, queue_labels = queue_emb[queue_mask], queue_labels[queue_mask]
         if len(queue_emb) > self.memory_size:
-            raise ValueError(
-                f"{len(queue_emb)} embeddings to enqueue exceed memory_size={self.memory_size}"
-            )
+            raise ValueError(f"{len(queue_emb)} embeddings to enqueue exceed memory_size={self.memory_size}")
 
         if enqueue_mask is None:
             anchors, anchor_labels = embeddings, labels
-            self_index = (self.queue_idx + offset + torch.arange(len(anchors), device=device)) % self.memory_size
+            self_index = (
+                self.queue_idx + offset + torch.arange(len(anchors), device=device)
+            ) % self.memory_size
         else:
             anchors, anchor_labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
             self_index = torch.full((len(anchors),), -1, dtype=torch.long, device=device)
@@ -196,7 +198,9 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         shape = (len(anchors), len(E_mem))
         if self.miner is not None:
             pairs = self.miner(anchors, labels, E_mem, L_mem)
-            pos, neg = F_ms.masks_from_pairs(lmu.convert_to_pairs(pairs, labels, L_mem), shape, anchors.device)
+            pos, neg = F_ms.masks_from_pairs(
+                lmu.convert_to_pairs(pairs, labels, L_mem), shape, anchors.device
+            )
         else:
             pos, neg = F_ms.pair_masks(labels, L_mem)
         if remove_self:
@@ -243,7 +247,9 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
                 return True
         return False
 
-    def _gather(self, embeddings, labels, enqueue_mask) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
+    def _gather(
+        self, embeddings, labels, enqueue_mask
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
         sizes = _all_gather(torch.tensor([len(embeddings)], device=embeddings.device))
         if bool((sizes != sizes[0]).any()):
             raise ValueError(f"CrossBatchMemory needs equal batch sizes on every rank, got {sizes.tolist()}")

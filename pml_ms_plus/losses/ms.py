@@ -188,8 +188,19 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
 
         lam_pos, lam_neg = self._thresholds(labels, len(x), x.dtype, x.device, centre_sums)
         return _kernel.ms_terms_fused(
-            x, y, labels, ref_labels, self_index, lam_pos, lam_neg,
-            self.alpha, self.beta, self.weighting, self.epsilon, self.chunk_size, self.collect_stats,
+            x,
+            y,
+            labels,
+            ref_labels,
+            self_index,
+            lam_pos,
+            lam_neg,
+            self.alpha,
+            self.beta,
+            self.weighting,
+            self.epsilon,
+            self.chunk_size,
+            self.collect_stats,
             ref_norm_p,
         )
 
@@ -205,20 +216,28 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             pos, neg = F_ms.masks_from_pairs(pairs, tuple(S.shape), S.device)
         else:
             if labels is None or ref_labels is None:
-                raise ValueError("labels (and ref_labels with ref_emb) are required when indices_tuple is None")
+                raise ValueError(
+                    "labels (and ref_labels with ref_emb) are required when indices_tuple is None"
+                )
             pos, neg = F_ms.pair_masks(labels, ref_labels, self_index)
             epsilon = self.epsilon
 
         def centre_sums():
             with torch.no_grad():
-                return F_ms.block_row_sums(F_ms.block_from_masks(S.detach().to(F_ms.compute_dtype(S.dtype)), pos, neg))
+                return F_ms.block_row_sums(
+                    F_ms.block_from_masks(S.detach().to(F_ms.compute_dtype(S.dtype)), pos, neg)
+                )
 
         lam_pos, lam_neg = self._thresholds(
             labels, S.shape[0], F_ms.compute_dtype(S.dtype), S.device, centre_sums
         )
         kwargs = dict(
-            alpha=self.alpha, beta=self.beta, lam_pos=lam_pos, lam_neg=lam_neg,
-            weighting=self.weighting, epsilon=epsilon,
+            alpha=self.alpha,
+            beta=self.beta,
+            lam_pos=lam_pos,
+            lam_neg=lam_neg,
+            weighting=self.weighting,
+            epsilon=epsilon,
         )
         return S, pos, neg, kwargs
 
@@ -270,8 +289,12 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         labels = labels.to(embeddings.device)
         if ref_emb is None:
             ref_emb, ref_labels = embeddings, labels
-        self_index = torch.arange(len(embeddings), device=embeddings.device) if ref_emb is embeddings else None
-        S, pos, neg, kwargs = self._dense_problem(embeddings, labels, None, ref_emb, ref_labels, self_index, None)
+        self_index = (
+            torch.arange(len(embeddings), device=embeddings.device) if ref_emb is embeddings else None
+        )
+        S, pos, neg, kwargs = self._dense_problem(
+            embeddings, labels, None, ref_emb, ref_labels, self_index, None
+        )
         return F_ms.pair_weights(S, pos, neg, **kwargs)
 
 
