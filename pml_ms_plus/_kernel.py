@@ -53,27 +53,45 @@ class _Problem(NamedTuple):
     labels: torch.Tensor
     ref_labels: torch.Tensor
     self_index: torch.Tensor
-    ref_norm_p: Optional[float] = None  # normalise reference blocks on the fly (p-norm)
+    ref_scale: Optional[torch.Tensor] = None  # (M,) 1 / |y_j|: cosine with raw references
 
     def starts(self, cols: int):
         return range(0, self.y.shape[0], cols)
 
-    def refs(self, c0: int, cols: int) -> torch.Tensor:
-        yb = self.y[c0 : c0 + cols]
-        return yb if self.ref_norm_p is None else torch.nn.functional.normalize(yb, p=self.ref_norm_p, dim=1)
+    def scale_columns_(self, A: torch.Tensor, c0: int) -> torch.Tensor:
+        """``A * ref_scale`` over the block's columns, in place (the normalisation of y)."""
+        if self.ref_scale is not None:
+            A.mul_(self.ref_scale[c0 : c0 + A.shape[1]])
+        return A
 
     def block(self, c0: int, cols: int) -> F_ms.Block:
         """The :class:`functional.Block` of references ``[c0, c0 + cols)``."""
-        S = self.x @ self.refs(c0, cols).T
+        S = self.scale_columns_(self.x @ self.y[c0 : c0 + cols].T, c0)
         return F_ms.block_from_labels(
             S, self.labels, self.ref_labels[c0 : c0 + cols], self.self_index - c0, reuse=True
         )
 
 
+def _terms(block, cfg: _Config, lam_pos, lam_neg, hard, counts: bool = False):
+    """:func:`functional.block_terms` of one block, overwriting it."""
+    return F_ms.block_terms(
+        block,
+        cfg.alpha,
+        cfg.beta,
+        lam_pos,
+        lam_neg,
+        cfg.weighting,
+        cfg.epsilon,
+        hard,
+        reuse=True,
+        counts=counts,
+    )
+
+
 class _FusedMS(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg: _Config, ref_norm_p):
-        prob = _Problem(x, y, labels, ref_labels, self_index, ref_norm_p)
+    def forward(ctx, x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg: _Config, ref_scale):
+        prob = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
         B = x.shape[0]
         keep = y.shape[0] <= cfg.cols
         with torch.autocast(x.device.type, enabled=False):
@@ -94,18 +112,7 @@ class _FusedMS(torch.autograd.Function):
             kept = []
             for c0 in prob.starts(cfg.cols):
                 blk = block if keep else prob.block(c0, cfg.cols)
-                blk, parts, shifts, num = F_ms.block_terms(
-                    blk,
-                    cfg.alpha,
-                    cfg.beta,
-                    lam_pos,
-                    lam_neg,
-                    cfg.weighting,
-                    cfg.epsilon,
-                    hard,
-                    reuse=True,
-                    counts=cfg.counts,
-                )
+                blk, parts, shifts, num = _terms(blk, cfg, lam_pos, lam_neg, hard, cfg.counts)
                 (Rp, acc_p), (Rn, acc_n) = parts
                 acc[0] += acc_p
                 acc[1] += acc_n
@@ -122,7 +129,7 @@ class _FusedMS(torch.autograd.Function):
                 *(F_ms.side_finish(acc[k], shifts[k], s.coef, cfg.weighting) for k, s in enumerate(sides))
             )
             wsums = [(rsum[k] if cfg.weighting == "self" else acc[k]) * scales[k] for k in range(2)]
-        ctx.cfg, ctx.keep, ctx.ref_norm_p = cfg, keep, ref_norm_p
+        ctx.cfg, ctx.keep, ctx.ref_scale = cfg, keep, ref_scale
         ctx.save_for_backward(x, y, lam_pos, lam_neg, labels, ref_labels, self_index, *hard, *scales, *kept)
         outs = (cnt[0], cnt[1], wsums[0], wsums[1])
         ctx.mark_non_differentiable(*outs)
@@ -133,9 +140,9 @@ class _FusedMS(torch.autograd.Function):
         x, y, lam_pos, lam_neg, labels, ref_labels, self_index, min_pos, max_neg, *rest = ctx.saved_tensors
         scales, kept = rest[:2], rest[2:]
         cfg = ctx.cfg
-        prob = _Problem(x, y, labels, ref_labels, self_index, ctx.ref_norm_p)
+        prob = _Problem(x, y, labels, ref_labels, self_index, ctx.ref_scale)
         need_x, need_y, need_lp, need_ln = ctx.needs_input_grad[:4]
-        if need_y and ctx.ref_norm_p is not None:
+        if need_y and ctx.ref_scale is not None:
             raise RuntimeError("references normalised inside the kernel cannot receive gradients")
         with torch.autocast(x.device.type, enabled=False):
             g = g.to(x.dtype)
@@ -148,16 +155,8 @@ class _FusedMS(torch.autograd.Function):
                 if ctx.keep:
                     pa, pj, Rp, Rn = kept
                 else:
-                    blk, ((Rp, _), (Rn, _)), _, _ = F_ms.block_terms(
-                        prob.block(c0, cfg.cols),
-                        cfg.alpha,
-                        cfg.beta,
-                        lam_pos,
-                        lam_neg,
-                        cfg.weighting,
-                        cfg.epsilon,
-                        (min_pos, max_neg),
-                        reuse=True,
+                    blk, ((Rp, _), (Rn, _)), _, _ = _terms(
+                        prob.block(c0, cfg.cols), cfg, lam_pos, lam_neg, (min_pos, max_neg)
                     )
                     pa, pj = blk.pa, blk.pj
                 if need_lp:
@@ -168,12 +167,20 @@ class _FusedMS(torch.autograd.Function):
                 G.index_put_((pa, pj), -Rp * a_pos[pa], accumulate=True)
                 c1 = c0 + G.shape[1]
                 if need_x:
-                    dx.addmm_(G, prob.refs(c0, cfg.cols))
+                    dx.addmm_(prob.scale_columns_(G, c0), y[c0:c1])
                 if need_y:
                     dy[c0:c1] = G.T @ x
         d_lp = a_pos * sum_rp if need_lp else None  # dL/dlam_pos = +sum w_pos
         d_ln = -a_neg * sum_rn if need_ln else None  # dL/dlam_neg = -sum w_neg
         return dx, dy, d_lp, d_ln, None, None, None, None, None
+
+
+def _inverse_norms(y: torch.Tensor, p: Optional[float]) -> Optional[torch.Tensor]:
+    """``1 / max(|y_j|_p, 1e-12)``, as ``torch.nn.functional.normalize`` divides."""
+    if p is None:
+        return None
+    with torch.no_grad():
+        return y.norm(p=p, dim=1).clamp_min(1e-12).reciprocal_()
 
 
 def ms_terms_fused(
@@ -199,8 +206,9 @@ def ms_terms_fused(
     anchor's own copy in ``y`` (``-1``: none); ``lam_pos``/``lam_neg``: ``(B,)``
     thresholds (may require grad). The sums run in float32 or wider.
     ``counts=False`` skips counting pairs (``num_pos``/``num_neg`` are then 0).
-    ``ref_norm_p``: if set, ``y`` is raw and each block of it is p-normalised
-    on the fly (no ``(M, D)`` copy; ``y`` must not require grad).
+    ``ref_norm_p``: if set, ``y`` is raw and is p-normalised implicitly: the
+    similarity block's columns are scaled by ``1 / |y_j|`` (no ``(M, D)``
+    normalised copy; ``y`` must not require grad).
     """
     F_ms.check_weighting(weighting)
     dtype = F_ms.compute_dtype(x.dtype)
@@ -208,8 +216,9 @@ def ms_terms_fused(
     cfg = _Config(
         float(alpha), float(beta), epsilon, weighting, chunk_columns(x.shape[0], chunk_size), counts
     )
+    ref_scale = _inverse_norms(y, ref_norm_p)
     out = _FusedMS.apply(
-        x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index, cfg, ref_norm_p
+        x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index, cfg, ref_scale
     )
     return F_ms.MSTerms(*out)
 
@@ -220,7 +229,7 @@ def centre_sums(x, y, labels, ref_labels, self_index, chunk_size: Optional[int] 
     dtype = F_ms.compute_dtype(x.dtype)
     x, y = x.to(dtype), y.to(dtype)
     cols = chunk_columns(x.shape[0], chunk_size)
-    prob = _Problem(x, y, labels, ref_labels, self_index, ref_norm_p)
+    prob = _Problem(x, y, labels, ref_labels, self_index, _inverse_norms(y, ref_norm_p))
     total = None
     for c0 in prob.starts(cols):
         part = F_ms.block_row_sums(prob.block(c0, cols))

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     "script, args",
     [
         ("drop_in_pml_loop.py", ["--steps", "20"]),
-        ("cross_batch_memory.py", ["--steps", "30"]),
+        ("drop_in_pml_loop.py", ["--steps", "30", "--memory"]),
         ("train_and_evaluate.py", ["--epochs", "2"]),
     ],
 )

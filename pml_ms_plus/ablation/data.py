@@ -114,17 +114,19 @@ def synthetic(seed: int = 0) -> Data:
     nuis = 2.0 * g.standard_normal((len(y), nuisance))
     rotation, _ = np.linalg.qr(g.standard_normal((signal + nuisance, signal + nuisance)))
     x = (np.concatenate([sig, nuis], axis=1) @ rotation).astype(np.float32)
-    train_x, train_y, test_x, test_y = _split(x, y, train_classes=np.arange(n_classes // 2))
-    return Data(
+    return _features(
         "synthetic",
         "synthetic: 300 classes in 60 confusable groups, 48 shared nuisance dims; train 0-149",
-        train_x,
-        train_y,
-        test_x,
-        test_y,
-        False,
-        lambda idx, g: train_x[idx],
+        x,
+        y,
+        np.arange(n_classes // 2),
     )
+
+
+def _features(name: str, description: str, x: np.ndarray, y: np.ndarray, train_classes) -> Data:
+    """A feature-vector data set (the model is an MLP head; batches are plain rows)."""
+    train_x, train_y, test_x, test_y = _split(x, y, train_classes)
+    return Data(name, description, train_x, train_y, test_x, test_y, False, lambda idx, g: train_x[idx])
 
 
 def from_npz(path: str) -> Data:
@@ -146,18 +148,9 @@ def from_npz(path: str) -> Data:
         raise DataError(f"{path}: 'x' has {len(x)} rows but 'y' has {len(y)} labels")
     if not np.isfinite(x).all():
         raise DataError(f"{path}: 'x' contains NaN or inf")
-    train_x, train_y, test_x, test_y = _split(x.astype(np.float32), y, arrays.get("train_classes"))
     name = os.path.basename(path)
-    return Data(
-        name,
-        f"{name}: {x.shape[1]}-d features, {len(np.unique(y))} classes",
-        train_x,
-        train_y,
-        test_x,
-        test_y,
-        False,
-        lambda idx, g: train_x[idx],
-    )
+    description = f"{name}: {x.shape[1]}-d features, {len(np.unique(y))} classes"
+    return _features(name, description, x.astype(np.float32), y, arrays.get("train_classes"))
 
 
 def load(name_or_path: str) -> Data:
