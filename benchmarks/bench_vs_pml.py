@@ -15,7 +15,8 @@ Time: the median of repeated steps after a warm-up, the two implementations
 interleaved step by step. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``
 above the allocation before the step; on the CPU each (case, implementation) runs
 in its own subprocess and reports its peak resident set above the resident set
-before the step (Linux ``VmHWM`` after resetting it via ``/proc/self/clear_refs``).
+before the step (Linux ``VmHWM`` after resetting it via ``/proc/self/clear_refs``,
+with freed heap pages handed back by ``malloc_trim`` first).
 """
 
 from __future__ import annotations
@@ -179,6 +180,12 @@ def peak_memory_here(case, impl, device):
         run()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:  # hand freed heap pages back, so the step's own allocations show in the RSS
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     base = _rss_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
@@ -262,7 +269,7 @@ def main(argv=None):
         rows.append(row)
         print(to_markdown([row], meta).splitlines()[-1], flush=True)
     os.makedirs(args.out, exist_ok=True)
-    stem = "tiny" if args.tiny else f"latest-{args.device}"
+    stem = "tiny" if args.tiny else f"{'partial' if args.only else 'latest'}-{args.device}"
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:

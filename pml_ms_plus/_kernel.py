@@ -129,17 +129,19 @@ class _FusedMS(torch.autograd.Function):
                 *(F_ms.side_finish(acc[k], shifts[k], s.coef, cfg.weighting) for k, s in enumerate(sides))
             )
             wsums = [(rsum[k] if cfg.weighting == "self" else acc[k]) * scales[k] for k in range(2)]
-        ctx.cfg, ctx.keep, ctx.ref_scale = cfg, keep, ref_scale
-        ctx.save_for_backward(x, y, lam_pos, lam_neg, labels, ref_labels, self_index, *hard, *scales, *kept)
+        # the kept block's terms live on ctx, not in save_for_backward: the first
+        # backward builds its gradient block in their storage and frees them
+        ctx.cfg, ctx.ref_scale, ctx.kept = cfg, ref_scale, kept or None
+        ctx.save_for_backward(x, y, lam_pos, lam_neg, labels, ref_labels, self_index, *hard, *scales)
         outs = (cnt[0], cnt[1], wsums[0], wsums[1])
         ctx.mark_non_differentiable(*outs)
         return (losses[0] + losses[1], *outs)
 
     @staticmethod
     def backward(ctx, g, *_):
-        x, y, lam_pos, lam_neg, labels, ref_labels, self_index, min_pos, max_neg, *rest = ctx.saved_tensors
-        scales, kept = rest[:2], rest[2:]
-        cfg = ctx.cfg
+        x, y, lam_pos, lam_neg, labels, ref_labels, self_index, min_pos, max_neg, *scales = ctx.saved_tensors
+        cfg, kept = ctx.cfg, ctx.kept
+        ctx.kept = None  # consumed: a second backward (retain_graph) recomputes the block
         prob = _Problem(x, y, labels, ref_labels, self_index, ctx.ref_scale)
         need_x, need_y, need_lp, need_ln = ctx.needs_input_grad[:4]
         if need_y and ctx.ref_scale is not None:
@@ -152,7 +154,7 @@ class _FusedMS(torch.autograd.Function):
             sum_rp = torch.zeros_like(g)
             sum_rn = torch.zeros_like(g)
             for c0 in prob.starts(cfg.cols):
-                if ctx.keep:
+                if kept is not None:
                     pa, pj, Rp, Rn = kept
                 else:
                     blk, ((Rp, _), (Rn, _)), _, _ = _terms(
@@ -163,7 +165,7 @@ class _FusedMS(torch.autograd.Function):
                     sum_rp.index_add_(0, pa, Rp)
                 if need_ln:
                     sum_rn += Rn.sum(1)
-                G = Rn * a_neg[:, None]  # dL/dS = w_neg - w_pos; positives are 0 in Rn
+                G = Rn.mul_(a_neg[:, None])  # dL/dS = w_neg - w_pos; positives are 0 in Rn
                 G.index_put_((pa, pj), -Rp * a_pos[pa], accumulate=True)
                 c1 = c0 + G.shape[1]
                 if need_x:

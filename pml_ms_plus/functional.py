@@ -168,10 +168,10 @@ def mine_(block: Block, epsilon: float, min_pos: torch.Tensor, max_neg: torch.Te
 
     Keeps a positive when ``S - epsilon < max_neg`` and a negative when
     ``S + epsilon > min_pos``, with the hardest pairs of the unmined sets
-    (possibly over more references than this block). Arithmetic is in ``S``'s
-    dtype, as in PML's miner, so the pair sets agree exactly. Either both
-    hardest pairs are kept or nothing is, so the log-sum-exp shifts taken from
-    the hardest pairs stay exact.
+    (possibly over more references than this block). The comparisons are those
+    of PML's miner, in ``S``'s dtype, so the pair sets agree exactly. Either
+    both hardest pairs are kept or nothing is, so the log-sum-exp shifts taken
+    from the hardest pairs stay exact.
     """
     sp = block.sp.masked_fill((block.sp - epsilon) >= max_neg[block.pa], _INF)
     block.Vn.masked_fill_((block.Vn + epsilon) <= min_pos[:, None], -_INF)

@@ -107,3 +107,11 @@ def test_references_normalised_block_by_block(device, chunk_size):
     (g_on_the_fly,) = torch.autograd.grad(on_the_fly.losses.sum(), x)
     torch.testing.assert_close(on_the_fly.losses, upfront.losses)
     torch.testing.assert_close(g_on_the_fly, g_upfront)
+
+
+def test_second_backward_recomputes_the_kept_block(device):
+    x, y = make_batch(12, n=32, device=device, dtype=torch.float64)
+    value = losses.MSLoss(epsilon=0.1)(x, y)
+    (first,) = torch.autograd.grad(value, x, retain_graph=True)
+    (second,) = torch.autograd.grad(value, x)
+    torch.testing.assert_close(first, second)
