@@ -119,6 +119,22 @@ class Block(NamedTuple):
         return self.Vn != -_INF
 
 
+def same_label_pairs(labels: torch.Tensor, ref_labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All ``(i, j)`` with ``labels[i] == ref_labels[j]``, ordered by ``i`` then ``j``.
+
+    Sorts the references' labels once and finds each anchor's run with a binary
+    search: ``O((B + M) log M + P)`` for ``P`` pairs, no ``(B, M)`` comparison.
+    """
+    order = torch.argsort(ref_labels, stable=True)
+    sorted_labels = ref_labels[order]
+    lo = torch.searchsorted(sorted_labels, labels, side="left")
+    counts = torch.searchsorted(sorted_labels, labels, side="right") - lo
+    rows = torch.repeat_interleave(torch.arange(len(labels), device=labels.device), counts)
+    starts = torch.repeat_interleave(lo - (torch.cumsum(counts, 0) - counts), counts)
+    cols = order[starts + torch.arange(len(rows), device=labels.device)]
+    return rows, cols
+
+
 def block_from_labels(
     S: torch.Tensor,
     labels: torch.Tensor,
@@ -134,7 +150,7 @@ def block_from_labels(
         ref_labels = labels
         if self_index is None:
             self_index = torch.arange(len(labels), device=labels.device)
-    ea, ej = (labels[:, None] == ref_labels[None, :]).nonzero(as_tuple=True)
+    ea, ej = same_label_pairs(labels, ref_labels)
     pa, pj = ea, ej
     if self_index is not None:
         other = ej != self_index[ea]

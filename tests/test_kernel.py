@@ -115,3 +115,13 @@ def test_second_backward_recomputes_the_kept_block(device):
     (first,) = torch.autograd.grad(value, x, retain_graph=True)
     (second,) = torch.autograd.grad(value, x)
     torch.testing.assert_close(first, second)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_same_label_pairs_equal_the_dense_comparison(device, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 7, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).to(device)
+    ref_labels = torch.randint(2, 12, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).to(device)
+    rows, cols = F_ms.same_label_pairs(labels, ref_labels)
+    expected = (labels[:, None] == ref_labels[None, :]).nonzero(as_tuple=True)
+    assert torch.equal(rows, expected[0]) and torch.equal(cols, expected[1])
