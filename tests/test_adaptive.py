@@ -211,6 +211,6 @@ def test_short_training_moves_thresholds_and_lowers_the_loss():
         value.backward()
         opt.step()
         loss_opt.step()
-        history.append(float(value))
+        history.append(float(value.detach()))
     assert sum(history[-10:]) / 10 < 0.6 * sum(history[:10]) / 10
     assert (loss_fn.thresholds.detach() - start).abs().max() > 0.01
