@@ -128,7 +128,7 @@ class _FusedMS(torch.autograd.Function):
             losses, scales = zip(
                 *(F_ms.side_finish(acc[k], shifts[k], s.coef, cfg.weighting) for k, s in enumerate(sides))
             )
-            wsums = [(rsum[k] if cfg.weighting == "self" else acc[k]) * scales[k] for k in range(2)]
+            wsums = [F_ms.weight_sum(acc[k], rsum[k], scales[k], cfg.weighting) for k in range(2)]
         # the kept block's terms live on ctx, not in save_for_backward: the first
         # backward builds its gradient block in their storage and frees them
         ctx.cfg, ctx.ref_scale, ctx.kept = cfg, ref_scale, kept or None

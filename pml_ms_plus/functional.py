@@ -360,11 +360,21 @@ def _terms(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon):
     return block, result, num
 
 
+def weight_sum(acc: torch.Tensor, r_sum: Optional[torch.Tensor], scale: torch.Tensor, weighting: str):
+    """Per-anchor sum of a side's pair weights ``R * scale``: ``R`` sums to ``acc``
+    except for ``"self"``, whose ``R`` (sigmoids) is summed separately (``r_sum``)."""
+    return (r_sum if weighting == "self" else acc) * scale
+
+
 def _weight_sums(block: Block, t_pos: SideTerms, t_neg: SideTerms, weighting: str):
+    r_pos = r_neg = None
     if weighting == "self":
-        wp = torch.zeros_like(t_pos.scale).index_add(0, block.pa, t_pos.R)
-        return wp, t_neg.R.sum(1)
-    return t_pos.acc * t_pos.scale, t_neg.acc * t_neg.scale
+        r_pos = torch.zeros_like(t_pos.scale).index_add(0, block.pa, t_pos.R)
+        r_neg = t_neg.R.sum(1)
+    return (
+        weight_sum(t_pos.acc, r_pos, t_pos.scale, weighting),
+        weight_sum(t_neg.acc, r_neg, t_neg.scale, weighting),
+    )
 
 
 def ms_terms(

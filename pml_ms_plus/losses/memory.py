@@ -204,8 +204,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         else:
             pos, neg = F_ms.pair_masks(labels, L_mem)
         if remove_self:
-            keep_pos, _ = F_ms.pair_masks(labels, L_mem, self_index)
-            pos = pos & keep_pos
+            pos[torch.arange(len(anchors), device=pos.device), self_index] = False
         if indices_tuple is not None:  # PML concatenates the caller's pairs (memory indices)
             extra = lmu.convert_to_pairs(indices_tuple, labels)
             extra_pos, extra_neg = F_ms.masks_from_pairs(extra, shape, anchors.device)
