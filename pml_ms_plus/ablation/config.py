@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import importlib.util
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -91,18 +93,49 @@ _SETTING_TYPES = dict(
 )
 
 
-def import_path(path: str, what: str):
-    """The object named by ``package.module.Name``."""
-    if not isinstance(path, str) or "." not in path:
+def _base(kind: str):
+    """``(class, its public name)`` that a ``loss`` / ``miner`` / ``memory`` path must subclass."""
+    from pytorch_metric_learning import losses, miners
+
+    return {
+        "loss": (losses.BaseMetricLossFunction, "pytorch_metric_learning.losses.BaseMetricLossFunction"),
+        "miner": (miners.BaseMiner, "pytorch_metric_learning.miners.BaseMiner"),
+        "memory": (losses.BaseLossWrapper, "pytorch_metric_learning.losses.BaseLossWrapper"),
+    }[kind]
+
+
+def import_path(path: str, what: str, kind: Optional[str] = None):
+    """The object named by ``package.module.Name`` (or ``package.Name``).
+
+    The top-level name must be a package: a plain top-level module (``this``,
+    ``antigravity``, ``os``) cannot hold a PML loss and is refused before
+    anything is imported. With ``kind`` (``loss``, ``miner``, ``memory``) the
+    object must be a subclass of the matching PML base class.
+    """
+    if not isinstance(path, str) or "." not in path or not all(p.isidentifier() for p in path.split(".")):
         raise ConfigError(f"{what}: {path!r} is not an import path like 'package.module.Name'")
     module_name, _, attr = path.rpartition(".")
+    top = module_name.partition(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)  # a top-level name: found without importing it
+    except Exception as exc:
+        raise ConfigError(f"{what}: cannot import module {module_name!r} ({exc})") from None
+    if spec is None:
+        raise ConfigError(f"{what}: cannot import module {module_name!r} (no module named {top!r})")
+    if spec.submodule_search_locations is None:
+        raise ConfigError(f"{what}: {path!r}: {top!r} is a module, not a package; give 'package.module.Name'")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
         raise ConfigError(f"{what}: cannot import module {module_name!r} ({exc})") from None
     if not hasattr(module, attr):
         raise ConfigError(f"{what}: module {module_name!r} has no {attr!r}")
-    return getattr(module, attr)
+    obj = getattr(module, attr)
+    if kind is not None:
+        base, base_name = _base(kind)
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            raise ConfigError(f"{what}: {path!r} is not a subclass of {base_name}")
+    return obj
 
 
 def load_config(path: str):
@@ -167,12 +200,15 @@ def resolve_settings(base: Dict[str, Any], *overrides: Dict[str, Any]) -> Dict[s
         if settings[key] < 1:
             raise ConfigError(f"setting {key!r} must be >= 1, got {settings[key]}")
     for key in ("lr", "loss_lr"):
-        if not settings[key] > 0:
-            raise ConfigError(f"setting {key!r} must be > 0, got {settings[key]}")
+        if not (math.isfinite(settings[key]) and settings[key] > 0):
+            raise ConfigError(f"setting {key!r} must be a finite number > 0, got {settings[key]}")
     return settings
 
 
 def check_variants(variants: List[Variant]) -> None:
+    for i, v in enumerate(variants):
+        if not isinstance(v.name, str) or not v.name.strip():
+            raise ConfigError(f"variant #{i + 1}: name must be a non-empty string, got {v.name!r}")
     names = [v.name for v in variants]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -194,12 +230,19 @@ def build_loss(v: Variant, embedding_size: int, num_classes: int):
     kwargs = copy.deepcopy(v.loss_kwargs)
     if kwargs.get("num_classes") == "auto":
         kwargs["num_classes"] = num_classes
-    loss = _construct(import_path(v.loss, f"{what} loss"), kwargs, f"{what} loss")
+    loss = _construct(import_path(v.loss, f"{what} loss", "loss"), kwargs, f"{what} loss")
+    from ..losses import AdaptiveMSLoss
+
+    if isinstance(loss, AdaptiveMSLoss) and loss.margin_mode == "learned" and loss.num_classes < num_classes:
+        raise ConfigError(
+            f"{what} loss: num_classes={loss.num_classes} is smaller than the {num_classes} training classes "
+            '(learned thresholds need one per class; use num_classes = "auto")'
+        )
     miner = None
     if v.miner:
-        miner = _construct(import_path(v.miner, f"{what} miner"), v.miner_kwargs, f"{what} miner")
+        miner = _construct(import_path(v.miner, f"{what} miner", "miner"), v.miner_kwargs, f"{what} miner")
     if v.memory:
-        cls = import_path(v.memory, f"{what} memory")
+        cls = import_path(v.memory, f"{what} memory", "memory")
         try:
             loss = cls(loss, embedding_size, miner=miner, **v.memory_kwargs)
         except Exception as exc:
@@ -215,8 +258,14 @@ def _construct(cls, kwargs, what):
         raise ConfigError(f"{what}: {exc}") from None
 
 
+# the settings a floor's numbers depend on: raw inputs need only the data, an untrained
+# network also its embedding size; a trained variant depends on every setting but ``seeds``
+FLOOR_SETTINGS = {"raw": ("dataset",), "untrained": ("dataset", "embedding_size")}
+
+
 def variant_hash(v: Variant, settings: Dict[str, Any]) -> str:
     """A short hash of everything that determines a variant's numbers except the seed."""
-    relevant = {k: settings[k] for k in sorted(settings) if k != "seeds"}
+    keys = FLOOR_SETTINGS.get(v.kind, [k for k in settings if k != "seeds"])
+    relevant = {k: settings[k] for k in sorted(keys)}
     blob = json.dumps({"variant": v.as_dict(), "settings": relevant}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]

@@ -146,11 +146,20 @@ def from_npz(path: str) -> Data:
         raise DataError(f"{path}: 'y' must be a 1D integer array, got shape {y.shape} and dtype {y.dtype}")
     if len(x) != len(y):
         raise DataError(f"{path}: 'x' has {len(x)} rows but 'y' has {len(y)} labels")
+    if np.iscomplexobj(x):
+        raise DataError(f"{path}: 'x' is complex ({x.dtype}); give real-valued features")
     if not np.isfinite(x).all():
         raise DataError(f"{path}: 'x' contains NaN or inf")
+    with np.errstate(over="ignore"):
+        x32 = x.astype(np.float32)
+    if not np.isfinite(x32).all():
+        raise DataError(
+            f"{path}: 'x' has values beyond the float32 range (|x| > {np.finfo(np.float32).max:.3g}), "
+            "which become inf; rescale the features"
+        )
     name = os.path.basename(path)
     description = f"{name}: {x.shape[1]}-d features, {len(np.unique(y))} classes"
-    return _features(name, description, x.astype(np.float32), y, arrays.get("train_classes"))
+    return _features(name, description, x32, y, arrays.get("train_classes"))
 
 
 def load(name_or_path: str) -> Data:
