@@ -42,10 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--dataset", help="digits (default), synthetic, or PATH.npz (x, y[, train_classes])")
     ab.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...); default 3")
     ab.add_argument("--epochs", type=int, help="training epochs per run; default 15")
-    ab.add_argument("--out", default="ablation_results", help="output directory (default: ablation_results)")
+    ab.add_argument(
+        "--out",
+        default="ablation_results",
+        help="output directory (default: ablation_results); it must be writable, and a plain run "
+        "refuses an --out that already holds a results.csv (pass --resume, or choose another --out)",
+    )
     ab.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ab.add_argument(
-        "--resume", action="store_true", help="skip the (variant, seed) runs already in results.csv"
+        "--resume",
+        action="store_true",
+        help="continue the results.csv in --out: skip the (variant, seed) runs it already holds with the "
+        "same config hash; its other rows (other variants, seeds or settings) are kept, never deleted",
     )
     return parser
 
@@ -74,14 +82,40 @@ def prepare(args) -> Study:
         raise ValueError(f"batch_size {bs} exceeds the {len(data.train_y)} training samples")
     for v in variants:  # build every loss once: bad kwargs fail now, not mid-study
         if v.kind == "train":
-            cfg.build_loss(v, settings["embedding_size"], n_classes)
+            loss, _ = cfg.build_loss(v, settings["embedding_size"], n_classes)
+            size = getattr(loss, "memory_size", None)
+            if isinstance(size, int) and size < bs:
+                raise ValueError(
+                    f"variant {v.name!r} memory: memory_size={size} is smaller than batch_size={bs}"
+                )
+    check_out(args.out)
     done: List[Dict] = []
     results = os.path.join(args.out, "results.csv")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} exists and is not a directory")
-    if args.resume and os.path.exists(results):
+    if os.path.lexists(results):
+        if not args.resume:
+            raise ValueError(
+                f"{results} already exists: pass --resume to continue it (finished runs are kept), "
+                "or choose another --out"
+            )
         done = report.read_csv(results)
     return Study(settings, variants, data, torch.device(args.device), args.out, args.resume, done)
+
+
+def check_out(out: str) -> None:
+    """``--out`` is, or can be created as, a writable directory; creates nothing."""
+    path = os.path.abspath(out)
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"--out {out} exists and is not a directory")
+        nearest = path
+    else:
+        nearest = os.path.dirname(path)
+        while not os.path.lexists(nearest):
+            nearest = os.path.dirname(nearest)
+        if not os.path.isdir(nearest):
+            raise ValueError(f"--out {out}: {nearest} is not a directory")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {nearest} is not writable")
 
 
 def versions(device: torch.device) -> Dict:
@@ -113,7 +147,12 @@ def run_study(study: Study, stream=None) -> List[Dict]:
     s = study.settings
     hashes = {v.name: cfg.variant_hash(v, s) for v in study.variants}
     keep = {(r["variant"], r["seed"], r["config_hash"]) for r in study.done}
-    rows = [r for r in study.done if hashes.get(r["variant"]) == r["config_hash"]]
+
+    def current(r):
+        return hashes.get(r["variant"]) == r["config_hash"] and r["seed"] < s["seeds"]
+
+    rows = [r for r in study.done if current(r)]
+    others = [r for r in study.done if not current(r)]  # finished results are never deleted
     todo = [
         (v, seed)
         for v in study.variants
@@ -133,8 +172,12 @@ def run_study(study: Study, stream=None) -> List[Dict]:
     }
     vers = versions(study.device)
     os.makedirs(study.out, exist_ok=True)
+    for name in report.remove_stale_temps(study.out):
+        print(f"removed {name}, left by an interrupted run", file=sys.stderr)
     if study.done:
         print(f"resuming: {len(rows)} finished runs kept, {len(todo)} to go", file=stream)
+        if others:
+            print(f"results.csv also keeps {len(others)} runs outside this study", file=stream)
     total = sum(s["epochs"] if v.kind == "train" else 1 for v, _ in todo)
     with tqdm(total=total, desc="ablate", unit="epoch", file=sys.stderr, dynamic_ncols=True) as bar:
         for v, seed in todo:
@@ -152,13 +195,13 @@ def run_study(study: Study, stream=None) -> List[Dict]:
             }
             rows.append(row)
             rows.sort(key=lambda r: (order.index(r["variant"]), r["seed"]))
-            report.write_all(study.out, rows, order, meta, resolved, vers)
+            report.write_all(study.out, rows, order, meta, resolved, vers, kept=others)
             bar.write(
                 f"done: {v.name:28s} seed {seed}  MAP@R {row['mean_average_precision_at_r']:.3f}  "
                 f"P@1 {row['precision_at_1']:.3f}  ({result.seconds:.1f}s)",
                 file=stream,
             )
-    report.write_all(study.out, rows, order, meta, resolved, vers)
+    report.write_all(study.out, rows, order, meta, resolved, vers, kept=others)
     print(
         f"\nwrote {study.out}/: results.csv, results.json, summary.md, metrics.png, training_loss.png",
         file=stream,
@@ -176,7 +219,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"pml-ms-plus: error: {exc}", file=sys.stderr)
         return 2
-    run_study(study)
+    try:
+        run_study(study)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+    except BrokenPipeError:
+        # stdout's reader went away (``| head``): stop quietly; the finished runs are on disk,
+        # --resume continues. Point stdout at devnull so the exit flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return 0
 
 
