@@ -122,6 +122,67 @@ def make_npz(tmp_path, name, **arrays):
     return path
 
 
+def tiny_arrays():
+    """160 points in 4-d, 8 classes: 4 train (80 samples), 4 held out; trains in a blink."""
+    g = np.random.default_rng(0)
+    y = np.arange(160) % 8
+    return (g.standard_normal((160, 4)) + y[:, None]).astype(np.float32), y
+
+
+def tiny_npz(tmp_path, name="tiny.npz", scale=1.0):
+    x, y = tiny_arrays()
+    return make_npz(tmp_path, name, x=x * scale, y=y)
+
+
+STUDY = "[study]\nseeds = 1\nepochs = 1\nbatch_size = 32\nm = 8\n"
+MS_VARIANT = '[[variant]]\nname = "a"\nloss = "pml_ms_plus.losses.MSLoss"\n'
+
+# bad inputs the pre-flight checks used to miss: (config text, message); run on tiny.npz
+LATE_FAILURES = {
+    "memory_too_small": (
+        STUDY + MS_VARIANT + 'memory = "pml_ms_plus.losses.CrossBatchMemory"\n'
+        "memory_kwargs = { memory_size = 10 }\n",
+        "memory_size=10 is smaller than batch_size=32",
+    ),
+    "lr_inf": (STUDY + "lr = inf\n" + MS_VARIANT, "'lr' must be a finite number > 0, got inf"),
+    "lr_nan": (STUDY + "lr = nan\n" + MS_VARIANT, "'lr' must be a finite number > 0, got nan"),
+    "loss_lr_inf": (STUDY + "loss_lr = inf\n" + MS_VARIANT, "'loss_lr' must be a finite number > 0"),
+    "name_int": (STUDY + '[[variant]]\nname = 3\nkind = "raw"\n', "name must be a non-empty string, got 3"),
+    "name_empty": (STUDY + '[[variant]]\nname = ""\nkind = "raw"\n', "name must be a non-empty string"),
+    "loss_mse": (
+        STUDY + '[[variant]]\nname = "a"\nloss = "torch.nn.MSELoss"\n',
+        "'torch.nn.MSELoss' is not a subclass of pytorch_metric_learning.losses.BaseMetricLossFunction",
+    ),
+    "loss_linear": (
+        STUDY + '[[variant]]\nname = "a"\nloss = "torch.nn.Linear"\n',
+        "'torch.nn.Linear' is not a subclass of pytorch_metric_learning.losses.BaseMetricLossFunction",
+    ),
+    "miner_is_a_loss": (
+        STUDY + MS_VARIANT + 'miner = "pytorch_metric_learning.losses.ContrastiveLoss"\n',
+        "is not a subclass of pytorch_metric_learning.miners.BaseMiner",
+    ),
+    "memory_not_a_wrapper": (
+        STUDY + MS_VARIANT + 'memory = "torch.nn.Identity"\n',
+        "is not a subclass of pytorch_metric_learning.losses.BaseLossWrapper",
+    ),
+    "learned_num_classes": (
+        STUDY + '[[variant]]\nname = "a"\nloss = "pml_ms_plus.losses.AdaptiveMSLoss"\n'
+        'loss_kwargs = { margin_mode = "learned", num_classes = 2 }\n',
+        "num_classes=2 is smaller than the 4 training classes",
+    ),
+    # C4: a plain top-level module is refused before it is imported (importing `this` prints)
+    "loss_this": (
+        STUDY + '[[variant]]\nname = "a"\nloss = "this.Loss"\n',
+        "'this' is a module, not a package",
+    ),
+    "loss_os_system": (
+        STUDY + '[[variant]]\nname = "a"\nloss = "os.system"\nloss_kwargs = { command = "echo pwned" }\n',
+        "'os' is a module, not a package",
+    ),
+    "loss_bare": (STUDY + '[[variant]]\nname = "a"\nloss = "this"\n', "is not an import path"),
+}
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
@@ -140,9 +201,15 @@ def make_npz(tmp_path, name, **arrays):
         ("bad_setting", "unknown study setting 'learning_rate'"),
         ("bad_seeds", "'seeds' must be >= 1"),
         ("duplicate_names", "repeated"),
+        *[(case, message) for case, (_, message) in LATE_FAILURES.items()],
+        ("npz_overflow", "beyond the float32 range"),
+        ("npz_complex", "'x' is complex"),
+        ("out_under_file", "is not a directory"),
+        ("out_read_only", "is not writable"),
+        ("results_without_resume", "pass --resume"),
     ],
 )
-def test_bad_input_exits_2_and_touches_nothing(tmp_path, capsys, case, message):
+def test_bad_input_exits_2_and_touches_nothing(tmp_path, capfd, case, message):
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.csv").write_text("precious\n")
@@ -195,10 +262,36 @@ def test_bad_input_exits_2_and_touches_nothing(tmp_path, capsys, case, message):
                 '[[variant]]\nname = "a"\nkind = "raw"\n[[variant]]\nname = "a"\nkind = "raw"\n',
             ),
         ]
-    assert cli.main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("pml-ms-plus: error: ")
+    elif case in LATE_FAILURES:
+        args += [
+            "--config",
+            write(tmp_path, "c.toml", LATE_FAILURES[case][0]),
+            "--dataset",
+            tiny_npz(tmp_path),
+        ]
+    elif case in ("npz_overflow", "npz_complex"):
+        # 1e300 is finite in float64 but inf in float32; the rest of the setup is valid
+        npz = tiny_npz(tmp_path, scale=np.float64(1e300) if case == "npz_overflow" else 1 + 1j)
+        args += ["--config", write(tmp_path, "c.toml", STUDY + MS_VARIANT), "--dataset", npz]
+    elif case == "out_under_file":
+        args += ["--out", str(out / "results.csv" / "sub")]
+    elif case == "out_read_only":
+        if os.geteuid() == 0:
+            pytest.skip("root may write into a read-only directory (os.access says so); see out_under_file")
+        out.chmod(0o555)
+        args += ["--out", str(out / "sub")]
+    elif case == "results_without_resume":
+        args += ["--config", write(tmp_path, "c.toml", STUDY + '[[variant]]\nname = "raw"\nkind = "raw"\n')]
+        args += ["--dataset", tiny_npz(tmp_path)]
+    try:
+        assert cli.main(args) == 2
+    finally:
+        out.chmod(0o755)
+    captured = capfd.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pml-ms-plus: error: "), err
     assert message in err[0]
+    assert captured.out == ""  # nothing printed: no Zen of Python, no shell command run
     assert sorted(os.listdir(out)) == ["results.csv"]
     assert (out / "results.csv").read_text() == "precious\n"
 
@@ -221,3 +314,130 @@ def test_datasets_are_offline_and_well_formed():
     s = data.load("synthetic")
     assert s.num_train_classes == 150 and len(set(s.test_y.tolist())) == 150
     assert torch.equal(s.train_x, data.load("synthetic").train_x)  # seeded: same every time
+
+
+FLOORS_AND_MS = (
+    STUDY + '[[variant]]\nname = "raw"\nkind = "raw"\n[[variant]]\nname = "untrained"\nkind = "untrained"\n'
+    '[[variant]]\nname = "ms"\nloss = "pml_ms_plus.losses.MSLoss"\n'
+)
+
+
+def test_resume_never_deletes_finished_rows(tmp_path, capsys):
+    npz = tiny_npz(tmp_path)
+    config = write(tmp_path, "c.toml", FLOORS_AND_MS)
+    out = str(tmp_path / "out")
+    base = ["ablate", "--config", config, "--dataset", npz, "--out", out]
+    assert cli.main(base) == 0
+    first = read_rows(out)
+    assert [r["variant"] for r in first] == ["raw", "untrained", "ms"]
+
+    # other epochs: the floors do not depend on them, so only "ms" reruns; the old "ms" row stays
+    capsys.readouterr()
+    assert cli.main(base + ["--resume", "--epochs", "2"]) == 0
+    assert "2 finished runs kept, 1 to go" in capsys.readouterr().out
+    rows = read_rows(out)
+    assert len(rows) == 4 and first[2] in rows
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "| ms | 1 |" in summary and "1 other finished run" in summary
+    assert len(json.load(open(os.path.join(out, "results.json")))["rows"]) == 3
+
+    # a config listing fewer variants: nothing to run, nothing dropped
+    fewer = write(tmp_path, "fewer.toml", STUDY + '[[variant]]\nname = "raw"\nkind = "raw"\n')
+    capsys.readouterr()
+    assert cli.main(["ablate", "--config", fewer, "--dataset", npz, "--out", out, "--resume"]) == 0
+    assert "1 finished runs kept, 0 to go" in capsys.readouterr().out
+    assert sorted(map(str, read_rows(out))) == sorted(map(str, rows))
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "| raw |" in summary and "| ms |" not in summary and "3 other finished runs" in summary
+
+
+def test_floor_hash_ignores_training_settings():
+    from pml_ms_plus.ablation.config import DEFAULT_SETTINGS, Variant, variant_hash
+
+    raw, untrained = Variant("raw", kind="raw"), Variant("untrained", kind="untrained")
+    trained = Variant("ms", loss="pml_ms_plus.losses.MSLoss")
+    other = dict(DEFAULT_SETTINGS, epochs=2, lr=0.5, loss_lr=0.5, batch_size=8, m=2, seeds=9)
+    assert variant_hash(raw, DEFAULT_SETTINGS) == variant_hash(raw, other)
+    assert variant_hash(untrained, DEFAULT_SETTINGS) == variant_hash(untrained, other)
+    assert variant_hash(trained, DEFAULT_SETTINGS) != variant_hash(trained, other)
+    assert variant_hash(raw, DEFAULT_SETTINGS) != variant_hash(
+        raw, dict(DEFAULT_SETTINGS, dataset="synthetic")
+    )
+    bigger = dict(DEFAULT_SETTINGS, embedding_size=8)
+    assert variant_hash(untrained, DEFAULT_SETTINGS) != variant_hash(untrained, bigger)
+    assert variant_hash(raw, DEFAULT_SETTINGS) == variant_hash(raw, bigger)
+
+
+HEADER = "variant,seed,config_hash,mean_average_precision_at_r,r_precision,precision_at_1,NMI,train_seconds,losses\n"
+GOOD_ROW = "raw,0,abc,0.5,0.5,0.5,0.5,0.1,[]\n"
+
+
+@pytest.mark.parametrize(
+    "bad_row, message",
+    [
+        ("raw,0,abc,0.5,0.5\n", "line 3: 5 fields, expected 9"),  # truncated
+        ("raw,0,abc,0.5,0.5,0.5,0.5,0.1,[],extra\n", "line 3: 10 fields, expected 9"),
+        (
+            "raw,0,abc,high,0.5,0.5,0.5,0.1,[]\n",
+            "line 3: mean_average_precision_at_r is not a number: 'high'",
+        ),
+        ("raw,zero,abc,0.5,0.5,0.5,0.5,0.1,[]\n", "line 3: seed is not an integer >= 0: 'zero'"),
+        ('raw,0,abc,0.5,0.5,0.5,0.5,0.1,"[1, 2"\n', "line 3: losses is not a JSON list of numbers"),
+        ('raw,0,abc,0.5,0.5,0.5,0.5,0.1,"{}"\n', "line 3: losses is not a JSON list of numbers"),
+    ],
+)
+def test_malformed_results_csv_exits_2_with_line(tmp_path, capsys, bad_row, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    text = HEADER + GOOD_ROW + bad_row
+    (out / "results.csv").write_text(text)
+    config = write(tmp_path, "c.toml", STUDY + '[[variant]]\nname = "raw"\nkind = "raw"\n')
+    args = ["ablate", "--config", config, "--dataset", tiny_npz(tmp_path), "--out", str(out), "--resume"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pml-ms-plus: error: ")
+    assert f"{out / 'results.csv'}, {message}" in err[0]
+    assert sorted(os.listdir(out)) == ["results.csv"] and (out / "results.csv").read_text() == text
+
+
+def run_raw_only(tmp_path, out):
+    config = write(tmp_path, "raw.toml", STUDY + '[[variant]]\nname = "raw"\nkind = "raw"\n')
+    return cli.main(["ablate", "--config", config, "--dataset", tiny_npz(tmp_path), "--out", str(out)])
+
+
+def test_result_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert run_raw_only(tmp_path, tmp_path / "out") == 0
+    finally:
+        os.umask(old)
+    for name in OUTPUTS:
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".tmp-k1ll3dresults.csv").write_text("half a file")
+    (out / "notes.txt").write_text("mine")
+    assert run_raw_only(tmp_path, out) == 0
+    assert sorted(os.listdir(out)) == sorted(OUTPUTS + ["notes.txt"])
+
+
+def test_stdout_closed_early_gives_no_traceback(tmp_path):
+    """`pml-ms-plus ablate ... | head -1`: the reader goes away after one line."""
+    config = write(tmp_path, "tiny.toml", TINY)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # the first "done:" line comes at once, the rest later
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pml_ms_plus", "ablate", "--config", config, "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert first.startswith(b"done: raw")
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 1
