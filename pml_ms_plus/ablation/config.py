@@ -233,7 +233,11 @@ def build_loss(v: Variant, embedding_size: int, num_classes: int):
     loss = _construct(import_path(v.loss, f"{what} loss", "loss"), kwargs, f"{what} loss")
     from ..losses import AdaptiveMSLoss
 
-    if isinstance(loss, AdaptiveMSLoss) and loss.margin_mode == "learned" and loss.num_classes < num_classes:
+    if (
+        isinstance(loss, AdaptiveMSLoss)
+        and loss.margin_mode == "learned"
+        and (loss.num_classes or 0) < num_classes
+    ):
         raise ConfigError(
             f"{what} loss: num_classes={loss.num_classes} is smaller than the {num_classes} training classes "
             '(learned thresholds need one per class; use num_classes = "auto")'
