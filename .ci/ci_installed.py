@@ -26,14 +26,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _where("session start")
 
 
+_summary = []
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     try:
-        line = "pml_ms_plus under test: " + _where("session end")
+        _summary.append("pml_ms_plus under test: " + _where("session end"))
     except pytest.UsageError as err:
-        line = f"ERROR {err}"
+        _summary.append(f"ERROR {err}")
         session.exitstatus = pytest.ExitCode.USAGE_ERROR
-    if reporter is not None:
-        reporter.write_line(line)
-    else:
-        print(line, file=sys.stderr)
+
+
+def pytest_terminal_summary(terminalreporter: "pytest.TerminalReporter") -> None:
+    for line in _summary:
+        terminalreporter.write_line(line)

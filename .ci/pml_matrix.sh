@@ -2,7 +2,8 @@
 # The PML version matrix: the parity tests against each PML release that pyproject.toml admits
 # (pytorch-metric-learning>=2.6,<3), then the version pip resolved for the main run is restored.
 # Runs inside the CI venv that .ci/run made, from a directory outside the repository.
-# PML_VERSIONS overrides the list; each parity run takes ~20-30 s on 2 cores.
+# PML_VERSIONS overrides the list; each parity run takes ~20-30 s on 2 cores. pytest runs -q -x
+# (the -q comes from addopts in pyproject.toml; a second -q would hide the closing count line).
 set -euo pipefail
 REPO="${REPO:-$(cd "$(dirname "$0")/.." && pwd)}"
 VERSIONS="${PML_VERSIONS:-2.6.0 2.7.0 2.8.1 2.9.0}"
@@ -16,19 +17,20 @@ if [ "${#modules[@]}" -eq 0 ]; then echo "no parity test modules found: matrix s
 pml_version() { python -c "import pytorch_metric_learning as p; print(p.__version__)"; }
 original="$(pml_version)"
 restore() { python -m pip install -q --no-deps "pytorch-metric-learning==$original"; }
-trap restore EXIT
+TMP="$(mktemp -d)"
+trap 'restore; rm -rf "$TMP"' EXIT
 
-cd "$(mktemp -d)"
+cd "$TMP"  # outside the repository: the installed wheel is what the tests import
 results=()
 for v in $VERSIONS; do
     printf '\n-- pytorch-metric-learning==%s\n' "$v"
     python -m pip install -q --no-deps "pytorch-metric-learning==$v"
     start=$SECONDS
-    python -m pytest "${modules[@]}" -c "$REPO/pyproject.toml" -p no:cacheprovider -q -x \
+    python -m pytest "${modules[@]}" -c "$REPO/pyproject.toml" -p no:cacheprovider -x \
         || { echo "PML $v: parity tests FAILED"; exit 1; }
     results+=("PML $(pml_version): passed in $((SECONDS - start))s")
 done
 restore
-trap - EXIT
+trap 'rm -rf "$TMP"' EXIT
 printf '\nPML matrix (restored %s):\n' "$(pml_version)"
 printf '  %s\n' "${results[@]}"
