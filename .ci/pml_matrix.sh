@@ -26,7 +26,7 @@ for v in $VERSIONS; do
     printf '\n-- pytorch-metric-learning==%s\n' "$v"
     python -m pip install -q --no-deps "pytorch-metric-learning==$v"
     start=$SECONDS
-    python -m pytest "${modules[@]}" -c "$REPO/pyproject.toml" -p no:cacheprovider -x \
+    PYTHONPATH="$REPO/.ci" python -m pytest "${modules[@]}" -c "$REPO/pyproject.toml" -p ci_installed -p no:cacheprovider -x \
         || { echo "PML $v: parity tests FAILED"; exit 1; }
     results+=("PML $(pml_version): passed in $((SECONDS - start))s")
 done
