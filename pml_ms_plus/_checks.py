@@ -55,7 +55,41 @@ def embeddings_and_labels(
         if not torch.is_tensor(labels) or labels.ndim != 1:
             shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
             raise ValueError(f"{labels_name} must be a 1D tensor, got {shape}")
+        label_dtype(labels, labels_name)
         if len(labels) != len(embeddings):
             raise ValueError(f"{labels_name} has {len(labels)} entries but {name} has {len(embeddings)} rows")
     if check_finite and embeddings.numel() and not bool(torch.isfinite(embeddings).all()):
         raise ValueError(f"{name} contain NaN or inf (pass check_finite=False for NaN-in, NaN-out behaviour)")
+
+
+def label_dtype(labels: Optional[torch.Tensor], name: str = "labels") -> None:
+    """Labels are class ids: an integer or bool tensor. Floating-point and complex
+    labels are refused (a memory could not store them exactly; ``.long()`` them)."""
+    if labels is None:
+        return
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(
+            f"{name} must be an integer or bool tensor (class ids), got dtype {labels.dtype}; "
+            f"convert with {name}.long() if the values are whole numbers"
+        )
+
+
+def indices_tuple(indices_tuple, num_anchors: int) -> None:
+    """A PML index tuple: 3 (triplets) or 4 (pairs) 1D integer tensors of matching
+    lengths, anchor indices in ``[0, num_anchors)``."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError("indices_tuple must be (anchors, positives, negatives) or (a1, p, a2, n)")
+    for t in indices_tuple:
+        if not torch.is_tensor(t) or t.ndim != 1 or t.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError("indices_tuple must hold 1D integer tensors")
+    groups = [indices_tuple] if len(indices_tuple) == 3 else [indices_tuple[:2], indices_tuple[2:]]
+    for group in groups:
+        if len({len(t) for t in group}) > 1:
+            raise ValueError(f"indices_tuple: lengths differ, {[len(t) for t in group]}")
+    anchors = indices_tuple[:1] if len(indices_tuple) == 3 else indices_tuple[0::2]
+    for t in anchors:
+        if len(t) and (int(t.min()) < 0 or int(t.max()) >= num_anchors):
+            raise ValueError(
+                f"indices_tuple: anchor indices must lie in [0, {num_anchors}), "
+                f"got values in [{int(t.min())}, {int(t.max())}]"
+            )

@@ -5,9 +5,12 @@ but never holds more than one ``(B, chunk)`` block of similarities at a time,
 and its backward uses the closed-form pair weights (``dL/dS = w_neg - w_pos``)
 instead of letting autograd store ``(B, M)`` intermediates:
 
-* forward pass 1 over the blocks: each anchor's hardest positive / negative
-  (the exact log-sum-exp shifts, and the mining thresholds);
-* forward pass 2: mining and the per-anchor sums of both sides;
+* forward, step 1 (:func:`_hardest_pass`): each anchor's hardest positive and
+  negative over all blocks (the exact log-sum-exp shifts, and the mining
+  thresholds);
+* forward, step 2 (:func:`_accumulate`): mining and the per-anchor sums of both
+  sides, block by block;
+* forward, step 3 (:func:`_finish`): per-anchor losses and weight scales;
 * backward: per block ``G = g * (w_neg - w_pos)``, ``dx += G @ y_blk``,
   ``dy_blk = G.T @ x``.
 
@@ -15,14 +18,19 @@ Memory: with the default budget of ``CHUNK_ELEMENTS = 2**22`` similarities per
 block (``chunk = 2**22 // B`` references), a block is 16 MB in float32 and the
 extra memory peaks at about five blocks plus the bool masks, under 100 MB,
 whatever the number of references. When all references fit in one block the
-block is computed once and its two per-side terms are kept for the backward
-(two blocks held between forward and backward); otherwise every pass recomputes
-its block (one extra matrix product per pass), trading time for bounded memory.
+block is computed once and its two per-side terms are kept for the backward;
+otherwise every pass recomputes its block (one extra matrix product per pass),
+trading time for bounded memory.
+
+Higher-order gradients: a backward run with ``create_graph=True`` (grad mode on
+inside the backward) differentiates a dense, differentiable recomputation of the
+same loss instead, so second derivatives are exact (``gradgradcheck`` passes);
+``torch.func`` transforms work through ``setup_context``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -42,12 +50,14 @@ class _Config(NamedTuple):
     alpha: float
     beta: float
     epsilon: Optional[float]
-    weighting: str
+    weighting: F_ms.Weighting
     cols: int
     counts: bool
 
 
 class _Problem(NamedTuple):
+    """Anchors ``x`` against references ``y`` with their labels and self indices."""
+
     x: torch.Tensor
     y: torch.Tensor
     labels: torch.Tensor
@@ -58,6 +68,9 @@ class _Problem(NamedTuple):
     def starts(self, cols: int):
         return range(0, self.y.shape[0], cols)
 
+    def keeps_one_block(self, cols: int) -> bool:
+        return self.y.shape[0] <= cols
+
     def scale_columns_(self, A: torch.Tensor, c0: int) -> torch.Tensor:
         """``A * ref_scale`` over the block's columns, in place (the normalisation of y)."""
         if self.ref_scale is not None:
@@ -65,116 +78,234 @@ class _Problem(NamedTuple):
         return A
 
     def block(self, c0: int, cols: int) -> F_ms.Block:
-        """The :class:`functional.Block` of references ``[c0, c0 + cols)``."""
+        """The :class:`functional.Block` of references ``[c0, c0 + cols)`` (no autograd)."""
         S = self.scale_columns_(self.x @ self.y[c0 : c0 + cols].T, c0)
         return F_ms.block_from_labels(
-            S, self.labels, self.ref_labels[c0 : c0 + cols], self.self_index - c0, reuse=True
+            S, self.labels, self.ref_labels[c0 : c0 + cols], self.self_index - c0, inplace=True
         )
 
+    def dense_similarities(self) -> torch.Tensor:
+        """The whole ``(B, M)`` similarity block, differentiable in ``x`` and ``y``."""
+        S = self.x @ self.y.T
+        return S if self.ref_scale is None else S * self.ref_scale
 
-def _terms(block, cfg: _Config, lam_pos, lam_neg, hard, counts: bool = False):
-    """:func:`functional.block_terms` of one block, overwriting it."""
-    return F_ms.block_terms(
-        block,
-        cfg.alpha,
-        cfg.beta,
-        lam_pos,
-        lam_neg,
-        cfg.weighting,
-        cfg.epsilon,
-        hard,
-        reuse=True,
-        counts=counts,
+
+# ----------------------------------------------------------- forward, by step
+def _hardest_pass(prob: _Problem, cfg: _Config) -> Tuple[F_ms.Hardest, Optional[F_ms.Block]]:
+    """Step 1: the hardest pairs over all references, and the block if it is the only one."""
+    if prob.keeps_one_block(cfg.cols):
+        block = prob.block(0, cfg.cols)
+        return F_ms.hardest(block), block
+    hard = None
+    for c0 in prob.starts(cfg.cols):
+        part = F_ms.hardest(prob.block(c0, cfg.cols))
+        hard = part if hard is None else hard.merge(part)
+    return hard, None
+
+
+class _Sums(NamedTuple):
+    """Per-anchor sums over all blocks, per side (:class:`functional.SidePair` of ``(B,)``)."""
+
+    acc: F_ms.SidePair  # sum of the side's loss terms
+    counts: F_ms.SidePair  # kept pairs
+    r_sum: F_ms.SidePair  # sum of R (needed for "self" only: its weights are not acc)
+
+
+class _Kept(NamedTuple):
+    """The single block's terms, kept between forward and backward."""
+
+    pa: torch.Tensor
+    pj: torch.Tensor
+    Rp: torch.Tensor
+    Rn: torch.Tensor
+
+
+def _accumulate(
+    prob: _Problem,
+    cfg: _Config,
+    side_pair: F_ms.SidePair,
+    shifts: F_ms.SidePair,
+    hard: F_ms.Hardest,
+    block: Optional[F_ms.Block],
+) -> Tuple[_Sums, Optional[_Kept]]:
+    """Step 2: mine each block and add up both sides' terms."""
+    B = prob.x.shape[0]
+    dev, dt = prob.x.device, prob.x.dtype
+    acc = [torch.zeros(B, dtype=dt, device=dev) for _ in range(2)]
+    cnt = [torch.zeros(B, dtype=torch.long, device=dev) for _ in range(2)]
+    rsum = [torch.zeros(B, dtype=dt, device=dev) for _ in range(2)]
+    kept = None
+    w = cfg.weighting
+    for c0 in prob.starts(cfg.cols):
+        blk = block if block is not None else prob.block(c0, cfg.cols)
+        bt = F_ms.block_terms(
+            blk, side_pair, shifts, hard, weighting=w, epsilon=cfg.epsilon, inplace=True, counts=cfg.counts
+        )
+        acc[0] += bt.terms.pos.acc
+        acc[1] += bt.terms.neg.acc
+        if cfg.counts:
+            cnt[0] += bt.counts.pos
+            cnt[1] += bt.counts.neg
+        if not w.log_sum_exp:
+            rsum[0].index_add_(0, bt.block.pa, bt.terms.pos.R)
+            rsum[1] += bt.terms.neg.R.sum(1)
+        if block is not None:
+            kept = _Kept(bt.block.pa, bt.block.pj, bt.terms.pos.R, bt.terms.neg.R)
+    return _Sums(F_ms.SidePair(*acc), F_ms.SidePair(*cnt), F_ms.SidePair(*rsum)), kept
+
+
+def _finish(cfg: _Config, side_pair: F_ms.SidePair, shifts: F_ms.SidePair, sums: _Sums):
+    """Step 3: per-side :class:`functional.SideLoss` and weight sums."""
+    w = cfg.weighting
+    side_losses = F_ms.SidePair(
+        *(F_ms.side_finish(a, sh, s.coef, w) for a, sh, s in zip(sums.acc, shifts, side_pair))
     )
+    wsums = F_ms.SidePair(
+        *(F_ms.weight_sum(a, r, sl.scale, w) for a, r, sl in zip(sums.acc, sums.r_sum, side_losses))
+    )
+    return side_losses, wsums
+
+
+_NO_KEPT = 4  # the four outputs that carry the kept block (empty when not kept)
 
 
 class _FusedMS(torch.autograd.Function):
+    """The fused MS loss as one autograd node.
+
+    Inputs: ``x`` ``(B, D)``, ``y`` ``(M, D)``, ``lam_pos``/``lam_neg`` ``(B,)``
+    (differentiable), labels, reference labels, self indices, a :class:`_Config`
+    and the optional column scale of raw references.
+
+    Outputs: the per-anchor losses (differentiable) and, non-differentiable: the
+    pair counts and weight sums per side, the hardest pairs and weight scales
+    (what the backward needs), and the kept block's ``(pa, pj, Rp, Rn)`` (empty
+    tensors when the references span several blocks).
+
+    Bookkeeping, owned here: ``setup_context`` saves the inputs, the hardest
+    pairs and the scales with ``save_for_backward``. The kept block is held on
+    ``ctx.kept`` (not saved: the backward builds its gradient block in ``Rn``'s
+    storage, which autograd's version check would refuse) and is consumed by the
+    first backward; a second backward (``retain_graph``) recomputes the block.
+    """
+
     @staticmethod
-    def forward(ctx, x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg: _Config, ref_scale):
+    def forward(x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg: _Config, ref_scale):
         prob = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
-        B = x.shape[0]
-        keep = y.shape[0] <= cfg.cols
         with torch.autocast(x.device.type, enabled=False):
-            if keep:
-                block = prob.block(0, cfg.cols)
-                hard = F_ms.hardest(block)
-            else:
-                min_pos = torch.full((B,), float("inf"), dtype=x.dtype, device=x.device)
-                max_neg = torch.full((B,), float("-inf"), dtype=x.dtype, device=x.device)
-                for c0 in prob.starts(cfg.cols):
-                    mp, mn = F_ms.hardest(prob.block(c0, cfg.cols))
-                    torch.minimum(min_pos, mp, out=min_pos)
-                    torch.maximum(max_neg, mn, out=max_neg)
-                hard = (min_pos, max_neg)
-            acc = [torch.zeros(B, dtype=x.dtype, device=x.device) for _ in range(2)]
-            cnt = [torch.zeros(B, dtype=torch.long, device=x.device) for _ in range(2)]
-            rsum = [torch.zeros(B, dtype=x.dtype, device=x.device) for _ in range(2)]
-            kept = []
-            for c0 in prob.starts(cfg.cols):
-                blk = block if keep else prob.block(c0, cfg.cols)
-                blk, parts, shifts, num = _terms(blk, cfg, lam_pos, lam_neg, hard, cfg.counts)
-                (Rp, acc_p), (Rn, acc_n) = parts
-                acc[0] += acc_p
-                acc[1] += acc_n
-                if cfg.counts:
-                    cnt[0] += num[0]
-                    cnt[1] += num[1]
-                if cfg.weighting == "self":  # sum of the weights sigmoid(z); else they follow from acc
-                    rsum[0].index_add_(0, blk.pa, Rp)
-                    rsum[1] += Rn.sum(1)
-                if keep:
-                    kept = [blk.pa, blk.pj, Rp, Rn]
-            sides = F_ms.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
-            losses, scales = zip(
-                *(F_ms.side_finish(acc[k], shifts[k], s.coef, cfg.weighting) for k, s in enumerate(sides))
-            )
-            wsums = [F_ms.weight_sum(acc[k], rsum[k], scales[k], cfg.weighting) for k in range(2)]
-        # the kept block's terms live on ctx, not in save_for_backward: the first
-        # backward builds its gradient block in their storage and frees them
-        ctx.cfg, ctx.ref_scale, ctx.kept = cfg, ref_scale, kept or None
-        ctx.save_for_backward(x, y, lam_pos, lam_neg, labels, ref_labels, self_index, *hard, *scales)
-        outs = (cnt[0], cnt[1], wsums[0], wsums[1])
-        ctx.mark_non_differentiable(*outs)
-        return (losses[0] + losses[1], *outs)
+            hard, block = _hardest_pass(prob, cfg)
+            side_pair = F_ms.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
+            shifts = F_ms.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
+            sums, kept = _accumulate(prob, cfg, side_pair, shifts, hard, block)
+            side_losses, wsums = _finish(cfg, side_pair, shifts, sums)
+        if kept is None:
+            kept = _Kept(*(x.new_empty(0) for _ in range(_NO_KEPT)))
+        return (
+            side_losses.pos.loss + side_losses.neg.loss,
+            sums.counts.pos,
+            sums.counts.neg,
+            wsums.pos,
+            wsums.neg,
+            hard.min_pos,
+            hard.max_neg,
+            side_losses.pos.scale,
+            side_losses.neg.scale,
+            *kept,
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg, ref_scale = inputs
+        ctx.cfg = cfg
+        ctx.has_ref_scale = ref_scale is not None
+        extra = (ref_scale,) if ref_scale is not None else ()
+        ctx.save_for_backward(x, y, lam_pos, lam_neg, labels, ref_labels, self_index, *output[5:9], *extra)
+        keeps = y.shape[0] <= cfg.cols
+        ctx.kept = _Kept(*output[9:]) if keeps else None
+        ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
     def backward(ctx, g, *_):
-        x, y, lam_pos, lam_neg, labels, ref_labels, self_index, min_pos, max_neg, *scales = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x, y, lam_pos, lam_neg, labels, ref_labels, self_index, min_pos, max_neg, scale_p, scale_n = saved[
+            :11
+        ]
+        ref_scale = saved[11] if ctx.has_ref_scale else None
         cfg, kept = ctx.cfg, ctx.kept
         ctx.kept = None  # consumed: a second backward (retain_graph) recomputes the block
-        prob = _Problem(x, y, labels, ref_labels, self_index, ctx.ref_scale)
-        need_x, need_y, need_lp, need_ln = ctx.needs_input_grad[:4]
-        if need_y and ctx.ref_scale is not None:
+        prob = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
+        needs = ctx.needs_input_grad[:4]
+        if needs[1] and ref_scale is not None:
             raise RuntimeError("references normalised inside the kernel cannot receive gradients")
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
+            return (*_differentiable_grads(prob, cfg, lam_pos, lam_neg, g, needs), *(None,) * 5)
         with torch.autocast(x.device.type, enabled=False):
             g = g.to(x.dtype)
-            a_pos, a_neg = g * scales[0], g * scales[1]  # w = R * scale, times the upstream grad
-            dx = torch.zeros_like(x) if need_x else None
-            dy = torch.zeros_like(y) if need_y else None
+            hard = F_ms.Hardest(min_pos, max_neg)
+            side_pair = F_ms.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
+            shifts = F_ms.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
+            a_pos, a_neg = g * scale_p, g * scale_n  # w = R * scale, times the upstream grad
+            dx = torch.zeros_like(x) if needs[0] else None
+            dy = torch.zeros_like(y) if needs[1] else None
             sum_rp = torch.zeros_like(g)
             sum_rn = torch.zeros_like(g)
             for c0 in prob.starts(cfg.cols):
                 if kept is not None:
                     pa, pj, Rp, Rn = kept
                 else:
-                    blk, ((Rp, _), (Rn, _)), _, _ = _terms(
-                        prob.block(c0, cfg.cols), cfg, lam_pos, lam_neg, (min_pos, max_neg)
+                    bt = F_ms.block_terms(
+                        prob.block(c0, cfg.cols),
+                        side_pair,
+                        shifts,
+                        hard,
+                        weighting=cfg.weighting,
+                        epsilon=cfg.epsilon,
+                        inplace=True,
                     )
-                    pa, pj = blk.pa, blk.pj
-                if need_lp:
+                    pa, pj, Rp, Rn = bt.block.pa, bt.block.pj, bt.terms.pos.R, bt.terms.neg.R
+                if needs[2]:
                     sum_rp.index_add_(0, pa, Rp)
-                if need_ln:
+                if needs[3]:
                     sum_rn += Rn.sum(1)
                 G = Rn.mul_(a_neg[:, None])  # dL/dS = w_neg - w_pos; positives are 0 in Rn
                 G.index_put_((pa, pj), -Rp * a_pos[pa], accumulate=True)
                 c1 = c0 + G.shape[1]
-                if need_x:
+                if needs[0]:
                     dx.addmm_(prob.scale_columns_(G, c0), y[c0:c1])
-                if need_y:
+                if needs[1]:
                     dy[c0:c1] = G.T @ x
-        d_lp = a_pos * sum_rp if need_lp else None  # dL/dlam_pos = +sum w_pos
-        d_ln = -a_neg * sum_rn if need_ln else None  # dL/dlam_neg = -sum w_neg
+        d_lp = a_pos * sum_rp if needs[2] else None  # dL/dlam_pos = +sum w_pos
+        d_ln = -a_neg * sum_rn if needs[3] else None  # dL/dlam_neg = -sum w_neg
         return dx, dy, d_lp, d_ln, None, None, None, None, None
+
+
+def _differentiable_grads(prob: _Problem, cfg: _Config, lam_pos, lam_neg, g, needs):
+    """The input gradients from the dense differentiable path, with ``create_graph``.
+
+    Each input enters through its own view, so that ``y is x`` or
+    ``lam_pos is lam_neg`` still give each argument its own partial derivative.
+    """
+    leaves = [t.view_as(t) for t in (prob.x, prob.y, lam_pos, lam_neg)]
+    x, y, lp, ln = leaves
+    S = prob._replace(x=x, y=y).dense_similarities()
+    pos, neg = F_ms.pair_masks(prob.labels, prob.ref_labels, prob.self_index)
+    losses = F_ms.ms_terms(
+        S,
+        pos,
+        neg,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        lam_pos=lp,
+        lam_neg=ln,
+        weighting=cfg.weighting.name,
+        epsilon=cfg.epsilon,
+    ).losses
+    wanted = [t for t, n in zip(leaves, needs) if n]
+    grads = iter(torch.autograd.grad(losses, wanted, g, create_graph=True, allow_unused=True))
+    out = []
+    for t, n in zip(leaves, needs):
+        grad = next(grads) if n else None
+        out.append(torch.zeros_like(t) if n and grad is None else grad)
+    return out
 
 
 def _inverse_norms(y: torch.Tensor, p: Optional[float]) -> Optional[torch.Tensor]:
@@ -193,6 +324,7 @@ def ms_terms_fused(
     self_index: torch.Tensor,
     lam_pos: torch.Tensor,
     lam_neg: torch.Tensor,
+    *,
     alpha: float,
     beta: float,
     weighting: str = "ms",
@@ -212,17 +344,20 @@ def ms_terms_fused(
     similarity block's columns are scaled by ``1 / |y_j|`` (no ``(M, D)``
     normalised copy; ``y`` must not require grad).
     """
-    F_ms.check_weighting(weighting)
+    w = F_ms.get_weighting(weighting)
     dtype = F_ms.compute_dtype(x.dtype)
     x, y = x.to(dtype), y.to(dtype)
-    cfg = _Config(
-        float(alpha), float(beta), epsilon, weighting, chunk_columns(x.shape[0], chunk_size), counts
-    )
+    B = x.shape[0]
+    if B == 0 or y.shape[0] == 0:  # no pairs: zero losses that still backpropagate
+        zero = x.sum(1) * 0 + y.sum() * 0
+        none = torch.zeros(B, dtype=torch.long, device=x.device)
+        return F_ms.MSTerms(zero, none, none, zero.detach(), zero.detach())
+    cfg = _Config(float(alpha), float(beta), epsilon, w, chunk_columns(B, chunk_size), counts)
     ref_scale = _inverse_norms(y, ref_norm_p)
     out = _FusedMS.apply(
         x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index, cfg, ref_scale
     )
-    return F_ms.MSTerms(*out)
+    return F_ms.MSTerms(*out[:5])
 
 
 @torch.no_grad()

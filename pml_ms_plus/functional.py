@@ -32,20 +32,23 @@ dense value matrix ``Vn`` (``S`` on negative pairs, ``-inf`` elsewhere). An
 excluded pair then has the exponent ``-inf`` (``exp = 0``), so masking and
 mining are fills, done in place where no gradient needs the old values.
 
-Log-sum-exps subtract each anchor's exact maximum exponent, which the *hardest*
-pair gives (the smallest positive and the largest negative similarity); the
-mining rule keeps either both hardest pairs or nothing, so this shift is exact
-after mining as well. Everything is computed in float32 or wider.
+Log-sum-exps are shifted by each side's true maximum exponent over its kept
+pairs, which the *hardest* pair gives (the smallest positive and the largest
+negative similarity); the mining comparisons are monotone in the similarity, so
+a side keeps a pair exactly when it keeps its hardest one (:func:`kept_sides`),
+and the shift is exact after mining as well. The exponents are formed as
+``coef * (S - ref)`` with ``ref`` the hardest similarity, so the hardest pair's
+is exactly 0 and every other one ``<= 0``: no overflow for any finite input, and
+an anchor whose pairs are all mined away has the loss 0. Each weighting is one
+entry of :data:`WEIGHTING_TABLE`. Everything is computed in float32 or wider.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-
-WEIGHTINGS = ("ms", "self", "relative")
 
 Threshold = Union[float, torch.Tensor]
 
@@ -63,9 +66,9 @@ def pair_masks(
     """Positive and negative pair masks of shape ``(B, M)`` from labels.
 
     ``pos[i, j] = labels[i] == ref_labels[j] and j != self_index[i]``;
-    ``neg[i, j] = labels[i] != ref_labels[j]``. ``self_index`` (``(B,)`` long)
-    gives the column of each anchor's own copy among the references; entries
-    outside ``[0, M)`` mean "no copy". With ``ref_labels=None`` the references
+    ``neg[i, j] = labels[i] != ref_labels[j] and j != self_index[i]``.
+    ``self_index`` (``(B,)`` long) gives the column of each anchor's own copy
+    among the references; entries outside ``[0, M)`` mean "no copy". With ``ref_labels=None`` the references
     are the anchors themselves and the diagonal is removed.
     """
     if ref_labels is None:
@@ -73,13 +76,14 @@ def pair_masks(
         if self_index is None:
             self_index = torch.arange(len(labels), device=labels.device)
     eq = labels[:, None] == ref_labels[None, :]
-    pos = eq
+    pos, neg = eq, ~eq
     if self_index is not None:
+        rows = torch.arange(len(labels), device=labels.device)
+        valid = (self_index >= 0) & (self_index < eq.shape[1])
         pos = eq.clone()
-        pa, pj = eq.nonzero(as_tuple=True)
-        own = pj == self_index[pa]
-        pos[pa[own], pj[own]] = False
-    return pos, ~eq
+        pos[rows[valid], self_index[valid]] = False
+        neg[rows[valid], self_index[valid]] = False
+    return pos, neg
 
 
 def masks_from_pairs(
@@ -125,6 +129,7 @@ def same_label_pairs(labels: torch.Tensor, ref_labels: torch.Tensor) -> Tuple[to
     Sorts the references' labels once and finds each anchor's run with a binary
     search: ``O((B + M) log M + P)`` for ``P`` pairs, no ``(B, M)`` comparison.
     """
+    labels, ref_labels = labels.long(), ref_labels.long()  # one dtype for the search (bool included)
     order = torch.argsort(ref_labels, stable=True)
     sorted_labels = ref_labels[order]
     lo = torch.searchsorted(sorted_labels, labels, side="left")
@@ -140,11 +145,13 @@ def block_from_labels(
     labels: torch.Tensor,
     ref_labels: Optional[torch.Tensor] = None,
     self_index: Optional[torch.Tensor] = None,
-    reuse: bool = False,
+    inplace: bool = False,
 ) -> Block:
     """The :class:`Block` of ``S`` for label-defined pairs (see :func:`pair_masks`).
 
-    ``reuse=True`` writes ``Vn`` into ``S``'s storage (no autograd).
+    ``self_index`` (``(B,)`` long, entries outside ``[0, M)`` meaning "none")
+    names each anchor's own copy among the references: it is excluded from
+    both sides. ``inplace=True`` writes ``Vn`` into ``S``'s storage (no autograd).
     """
     if ref_labels is None:
         ref_labels = labels
@@ -157,8 +164,20 @@ def block_from_labels(
         pa, pj = ea[other], ej[other]
     sp = S[pa, pj]
     minus_inf = torch.tensor(-_INF, dtype=S.dtype, device=S.device)
-    Vn = S.index_put_((ea, ej), minus_inf) if reuse else S.index_put((ea, ej), minus_inf)
+    Vn = S.index_put_((ea, ej), minus_inf) if inplace else S.index_put((ea, ej), minus_inf)
+    if self_index is not None and S.shape[1]:  # a copy whose label differs (explicit self indices)
+        _exclude_own_copies_(Vn, self_index)
     return Block(pa, pj, sp, Vn)
+
+
+def _exclude_own_copies_(Vn: torch.Tensor, self_index: torch.Tensor) -> None:
+    """``Vn[i, self_index[i]] = -inf`` where ``self_index[i]`` lies in ``[0, M)``
+    (a gather and a scatter of ``B`` values; no data-dependent shapes)."""
+    M = Vn.shape[1]
+    rows = torch.arange(len(self_index), device=Vn.device)
+    cols = self_index.clamp(0, M - 1)
+    valid = (self_index >= 0) & (self_index < M)
+    Vn[rows, cols] = torch.where(valid, torch.full_like(Vn[rows, cols], -_INF), Vn[rows, cols])
 
 
 def block_from_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Block:
@@ -167,41 +186,75 @@ def block_from_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> B
     return Block(pa, pj, S[pa, pj], torch.where(neg, S, torch.tensor(-_INF, dtype=S.dtype, device=S.device)))
 
 
-def hardest(block: Block) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per anchor: the smallest positive and the largest negative similarity.
+class Hardest(NamedTuple):
+    """Per anchor, ``(B,)``: the smallest positive and the largest negative similarity
+    (``+inf`` / ``-inf`` for an anchor without positives / negatives)."""
 
-    Returns ``(min_pos, max_neg)`` of shape ``(B,)``; ``+inf`` / ``-inf`` for an
-    anchor without positives / negatives.
-    """
-    B = block.Vn.shape[0]
+    min_pos: torch.Tensor
+    max_neg: torch.Tensor
+
+    def merge(self, other: "Hardest") -> "Hardest":
+        """The hardest pairs over the references of both (blocks of the same anchors)."""
+        return Hardest(torch.minimum(self.min_pos, other.min_pos), torch.maximum(self.max_neg, other.max_neg))
+
+
+def hardest(block: Block) -> Hardest:
+    """The :class:`Hardest` pairs of a block."""
+    B, M = block.Vn.shape
     init = torch.full((B,), _INF, dtype=block.sp.dtype, device=block.sp.device)
     min_pos = init.scatter_reduce(0, block.pa, block.sp.detach(), "amin")
-    return min_pos, block.Vn.detach().amax(1)
+    max_neg = block.Vn.detach().amax(1) if M else torch.full_like(init, -_INF)
+    return Hardest(min_pos, max_neg)
 
 
-def mine_(block: Block, epsilon: float, min_pos: torch.Tensor, max_neg: torch.Tensor) -> Block:
+class Kept(NamedTuple):
+    """Per anchor, ``(B,)`` bool: whether each side keeps any pair (after mining)."""
+
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+
+def kept_sides(hard: Hardest, epsilon: Optional[float]) -> Kept:
+    """Which anchors keep pairs on each side.
+
+    Without mining, a side is kept when it has a pair. With mining, a side
+    keeps a pair exactly when it keeps its hardest pair (the comparisons of
+    :func:`mine_`, which are monotone in the similarity), so the test on the
+    hardest pair decides for the whole side.
+    """
+    if epsilon is None:
+        return Kept(hard.min_pos != _INF, hard.max_neg != -_INF)
+    return Kept(~((hard.min_pos - epsilon) >= hard.max_neg), ~((hard.max_neg + epsilon) <= hard.min_pos))
+
+
+def mine_(block: Block, epsilon: float, hard: Hardest) -> Block:
     """The MS paper's hard-pair rule: ``Vn`` in place, ``sp`` anew.
 
     Keeps a positive when ``S - epsilon < max_neg`` and a negative when
     ``S + epsilon > min_pos``, with the hardest pairs of the unmined sets
     (possibly over more references than this block). The comparisons are those
-    of PML's miner, in ``S``'s dtype, so the pair sets agree exactly. Either
-    both hardest pairs are kept or nothing is, so the log-sum-exp shifts taken
-    from the hardest pairs stay exact.
+    of PML's miner, in ``S``'s dtype, so the pair sets agree exactly.
     """
-    sp = block.sp.masked_fill((block.sp - epsilon) >= max_neg[block.pa], _INF)
-    block.Vn.masked_fill_((block.Vn + epsilon) <= min_pos[:, None], -_INF)
+    sp = block.sp.masked_fill((block.sp - epsilon) >= hard.max_neg[block.pa], _INF)
+    block.Vn.masked_fill_((block.Vn + epsilon) <= hard.min_pos[:, None], -_INF)
     return block._replace(sp=sp)
 
 
-def mined_pairs(
-    block: Block, epsilon: float
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+class MinedPairs(NamedTuple):
+    """PML's pair tuple ``(a1, p, a2, n)``."""
+
+    a1: torch.Tensor
+    p: torch.Tensor
+    a2: torch.Tensor
+    n: torch.Tensor
+
+
+def mined_pairs(block: Block, epsilon: float) -> MinedPairs:
     """The pairs the hard-pair rule keeps, as PML's ``(a1, p, a2, n)`` (``Vn`` is overwritten)."""
-    block = mine_(block, epsilon, *hardest(block))
+    block = mine_(block, epsilon, hardest(block))
     kept = block.kept_pos()
     a2, n = block.kept_neg().nonzero(as_tuple=True)
-    return block.pa[kept], block.pj[kept], a2, n
+    return MinedPairs(block.pa[kept], block.pj[kept], a2, n)
 
 
 def _as_row(lam: Threshold, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -210,83 +263,149 @@ def _as_row(lam: Threshold, n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((n,), float(lam), dtype=like.dtype, device=like.device)
 
 
+# ------------------------------------------------------------------ weightings
+class Weighting(NamedTuple):
+    """One General Pair Weighting mode: how a side's exponents ``z`` become its loss.
+
+    ``log_sum_exp``: the side loss is ``1/k * log(sum exp z)`` (else a sum of
+    ``1/k * softplus(z)``); ``add_one``: the ``1 +`` term inside the log.
+    """
+
+    name: str
+    log_sum_exp: bool
+    add_one: bool
+
+
+WEIGHTING_TABLE = {
+    w.name: w
+    for w in (
+        Weighting("ms", log_sum_exp=True, add_one=True),
+        Weighting("relative", log_sum_exp=True, add_one=False),
+        Weighting("self", log_sum_exp=False, add_one=False),
+    )
+}
+WEIGHTINGS = tuple(WEIGHTING_TABLE)
+
+
+def get_weighting(weighting: str) -> Weighting:
+    """The :class:`Weighting` named ``weighting``; ``ValueError`` for an unknown name."""
+    if isinstance(weighting, Weighting):
+        return weighting
+    if weighting not in WEIGHTING_TABLE:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    return WEIGHTING_TABLE[weighting]
+
+
+def check_weighting(weighting: str) -> None:
+    get_weighting(weighting)
+
+
 class Side(NamedTuple):
     """One side of the loss: ``z = coef * (S - lam)``; ``coef`` is ``-alpha`` or ``beta``."""
 
     coef: float
     lam: torch.Tensor  # (B,)
 
-    def max_exponent(self, min_pos: torch.Tensor, max_neg: torch.Tensor) -> torch.Tensor:
-        """The largest exponent over the side's set, from the hardest pairs."""
-        hard = min_pos if self.coef < 0 else max_neg
-        return self.coef * (hard - self.lam)
+
+class SidePair(NamedTuple):
+    """Any per-side quantity, for the positive and the negative side."""
+
+    pos: Any
+    neg: Any
 
 
-def sides(alpha: float, beta: float, lam_pos: torch.Tensor, lam_neg: torch.Tensor) -> Tuple[Side, Side]:
-    return Side(-float(alpha), lam_pos), Side(float(beta), lam_neg)
+def sides(alpha: float, beta: float, lam_pos: torch.Tensor, lam_neg: torch.Tensor) -> SidePair:
+    return SidePair(Side(-float(alpha), lam_pos), Side(float(beta), lam_neg))
 
 
-def side_shift(zmax: torch.Tensor, weighting: str) -> torch.Tensor:
-    """The stabilising shift of a side's log-sum-exp (never ``inf``; 0 for ``"self"``)."""
-    zmax = zmax.detach()
-    if weighting == "ms":
-        return zmax.clamp(min=0)  # the "1 +" term is exp(0)
-    if weighting == "self":
-        return torch.zeros_like(zmax)
-    return torch.where(torch.isfinite(zmax), zmax, torch.zeros_like(zmax))
+class Shift(NamedTuple):
+    """A side's stabilised exponents: ``z - shift = coef * (S - ref)``, all ``(B,)``.
+
+    ``shift`` is the side's true maximum exponent over its kept pairs (``max(0, .)``
+    with the ``1 +`` term; 0 for an empty side or ``"self"``); ``ref`` is the
+    hardest similarity when the shift is taken from it, else the threshold.
+    Computing ``S - ref`` first makes the hardest pair's exponent exactly 0 and
+    every other one ``<= 0``, whatever the size of ``coef * S``.
+    """
+
+    ref: torch.Tensor
+    shift: torch.Tensor
 
 
-def side_exp(
+def side_shift(side: Side, hard: torch.Tensor, kept: torch.Tensor, weighting: Weighting) -> Shift:
+    """The :class:`Shift` of a side whose hardest similarity is ``hard`` (``(B,)``)."""
+    lam = side.lam
+    if not weighting.log_sum_exp:
+        return Shift(lam, torch.zeros_like(lam.detach()))
+    hard = hard.detach()
+    zmax = side.coef * (hard - lam.detach())
+    use = kept & (zmax > 0) if weighting.add_one else kept
+    # hard + (lam - lam) == hard exactly, and keeps the threshold's gradient
+    ref = torch.where(use, hard + (lam - lam.detach()), lam)
+    return Shift(ref, torch.where(use, zmax, torch.zeros_like(zmax)))
+
+
+class PairTerms(NamedTuple):
+    """A side's per-pair terms: ``R`` (``exp(z - shift)``, or ``sigmoid(z)`` for
+    ``"self"``: then the pair weights) and the per-anchor sum ``acc`` of the
+    side's loss terms (``sum exp(z - shift)``, or ``sum softplus(z)``)."""
+
+    R: torch.Tensor
+    acc: torch.Tensor
+
+
+def side_terms(
     V: torch.Tensor,
     side: Side,
-    shift: torch.Tensor,
-    weighting: str,
+    shift: Shift,
+    weighting: Weighting,
     rows: Optional[torch.Tensor] = None,
-    reuse: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A side's per-pair terms: ``(R, acc)``.
+    inplace: bool = False,
+) -> PairTerms:
+    """A side's :class:`PairTerms` for the values ``V``.
 
     ``V`` is ``(B, M)`` dense, or ``(P,)`` values of pairs whose anchor rows are
-    ``rows``. ``z - shift = coef * V - (coef * lam + shift)``. For
-    ``"ms"``/``"relative"`` ``R = exp(z - shift)`` and ``acc_i = sum_j R_ij``;
-    for ``"self"`` ``R = sigmoid(z)`` (the pair weights) and
-    ``acc_i = sum_j softplus(z_ij)``. Excluded pairs (``V = +-inf``) give
-    ``R = 0``. ``reuse=True`` overwrites ``V`` (no autograd).
+    ``rows``. Excluded pairs (``V = +-inf``) give ``R = 0``. ``inplace=True``
+    overwrites ``V`` (no autograd).
     """
-    bias = side.coef * side.lam + shift
-    bias = bias[:, None] if rows is None else bias[rows]
-    z = torch.add(-bias, V, alpha=side.coef, out=V) if reuse else torch.add(-bias, V, alpha=side.coef)
-    if weighting == "self":
-        R, terms = torch.sigmoid(z), F.softplus(z)
-    else:
+    ref = shift.ref[:, None] if rows is None else shift.ref[rows]
+    z = torch.sub(V, ref, out=V) if inplace else V - ref
+    z = z.mul_(side.coef)
+    if weighting.log_sum_exp:
         R = terms = z.exp_()
+    else:
+        R, terms = torch.sigmoid(z), F.softplus(z)
     if rows is None:
-        return R, terms.sum(1)
-    return R, torch.zeros_like(shift).index_add(0, rows, terms)
+        return PairTerms(R, terms.sum(1))
+    return PairTerms(R, torch.zeros_like(shift.shift).index_add(0, rows, terms))
 
 
-def side_finish(
-    acc: torch.Tensor, shift: torch.Tensor, coef: float, weighting: str
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A side's per-anchor loss and the per-anchor scale of its pair weights.
+class SideLoss(NamedTuple):
+    """A side's per-anchor loss and the per-anchor scale of its pair weights
+    (``w_ij = R_ij * scale_i``), both ``(B,)``."""
 
-    Returns ``(loss, scale)`` with ``w_ij = R_ij * scale_i``
-    (``scale = exp(shift - lse)``; 1 for ``"self"``).
-    """
+    loss: torch.Tensor
+    scale: torch.Tensor
+
+
+def side_finish(acc: torch.Tensor, shift: Shift, coef: float, weighting: Weighting) -> SideLoss:
+    """A side's :class:`SideLoss` from its ``acc`` (summed over every block)."""
     k = abs(coef)
-    if weighting == "self":
-        return acc / k, torch.ones_like(acc)
-    if weighting == "ms":
-        lse = shift + torch.log(torch.exp(-shift) + acc)
+    if not weighting.log_sum_exp:
+        return SideLoss(acc / k, torch.ones_like(acc))
+    s = shift.shift
+    if weighting.add_one:
+        lse = s + torch.log(torch.exp(-s) + acc)  # acc >= 1 whenever s > 0
     else:
         nonempty = acc > 0  # the hardest pair alone contributes exp(0) = 1
-        lse = torch.where(nonempty, shift + torch.log(torch.where(nonempty, acc, 1.0)), 0.0)
-    return lse / k, torch.exp(shift - lse.detach())
+        lse = torch.where(nonempty, s + torch.log(torch.where(nonempty, acc, 1.0)), 0.0)
+    return SideLoss(lse / k, torch.exp(s - lse.detach()))
 
 
-def check_weighting(weighting: str) -> None:
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+def weight_sum(acc: torch.Tensor, r_sum: Optional[torch.Tensor], scale: torch.Tensor, weighting: Weighting):
+    """Per-anchor sum of a side's pair weights ``R * scale``: ``R`` sums to ``acc``
+    for the log-sum-exp weightings; for ``"self"`` (sigmoids) ``r_sum`` is the sum."""
+    return (acc if weighting.log_sum_exp else r_sum) * scale
 
 
 class MSTerms(NamedTuple):
@@ -299,81 +418,88 @@ class MSTerms(NamedTuple):
     neg_weight_sum: torch.Tensor
 
 
-class SideTerms(NamedTuple):
-    loss: torch.Tensor  # (B,)
-    R: torch.Tensor  # (P,) or (B, M), detached
-    scale: torch.Tensor  # (B,): weights are R * scale
-    acc: torch.Tensor  # (B,)
+class BlockTerms(NamedTuple):
+    """One block after mining, with both sides' :class:`PairTerms` and the shifts used."""
+
+    block: Block
+    terms: SidePair  # of PairTerms
+    shifts: SidePair  # of Shift
+    counts: Optional[SidePair]  # kept pairs per anchor (when asked for)
+
+
+def side_shifts(
+    side_pair: SidePair, hard: Hardest, epsilon: Optional[float], weighting: Weighting
+) -> SidePair:
+    """Both sides' :class:`Shift` from the hardest pairs over all references."""
+    kept = kept_sides(hard, epsilon)
+    return SidePair(
+        side_shift(side_pair.pos, hard.min_pos, kept.pos, weighting),
+        side_shift(side_pair.neg, hard.max_neg, kept.neg, weighting),
+    )
 
 
 def block_terms(
     block: Block,
-    alpha: float,
-    beta: float,
-    lam_pos: torch.Tensor,
-    lam_neg: torch.Tensor,
-    weighting: str,
+    side_pair: SidePair,
+    shifts: SidePair,
+    hard: Hardest,
+    *,
+    weighting: Weighting,
     epsilon: Optional[float],
-    hard: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    reuse: bool = False,
+    inplace: bool = False,
     counts: bool = False,
-):
-    """Mine (if ``epsilon``) and compute both sides of one block.
+) -> BlockTerms:
+    """Mine (if ``epsilon``) and compute both sides' terms of one block.
 
-    ``hard``: the hardest pairs over all references (default: this block's).
-    Returns ``(block_after_mining, [(R_pos, acc_pos), (R_neg, acc_neg)], shifts,
-    (num_pos, num_neg) or None)``; the ``acc`` of each side can be summed over
-    blocks before :func:`side_finish`. ``reuse=True`` overwrites ``Vn``.
+    ``hard``/``shifts``: over all references (this block may be one of several);
+    the ``acc`` of each side can be summed over blocks before
+    :func:`side_finish`. ``inplace=True`` overwrites ``Vn`` (then ``block.Vn``
+    holds the negative side's ``R``). ``counts=True`` counts the kept pairs.
     """
-    if hard is None:
-        hard = hardest(block)
     if epsilon is not None:
-        block = mine_(block, epsilon, *hard)
-    num = None
-    if counts:
-        num = (
-            torch.bincount(block.pa[block.kept_pos()], minlength=block.Vn.shape[0]),
-            block.kept_neg().sum(1),
-        )
-    out, shifts = [], []
-    for side, V, rows in zip(sides(alpha, beta, lam_pos, lam_neg), (block.sp, block.Vn), (block.pa, None)):
-        shift = side_shift(side.max_exponent(*hard), weighting)
-        R, acc = side_exp(V, side, shift, weighting, rows=rows, reuse=reuse and rows is None)
-        out.append((R, acc))
-        shifts.append(shift)
-    return block, out, shifts, num
+        block = mine_(block, epsilon, hard)
+    num = pair_counts(block) if counts else None
+    pos = side_terms(block.sp, side_pair.pos, shifts.pos, weighting, rows=block.pa)
+    neg = side_terms(block.Vn, side_pair.neg, shifts.neg, weighting, inplace=inplace)
+    return BlockTerms(block, SidePair(pos, neg), shifts, num)
 
 
-def _terms(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon):
-    check_weighting(weighting)
+def pair_counts(block: Block) -> SidePair:
+    """Per-anchor numbers of kept positive and negative pairs, ``(B,)`` long each."""
+    B = block.Vn.shape[0]
+    return SidePair(torch.bincount(block.pa[block.kept_pos()], minlength=B), block.kept_neg().sum(1))
+
+
+class _DenseResult(NamedTuple):
+    block: Block
+    terms: SidePair  # of PairTerms (detached R)
+    losses: SidePair  # of SideLoss
+    counts: SidePair
+
+
+def _dense(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon) -> _DenseResult:
+    w = get_weighting(weighting)
     S = S.to(compute_dtype(S.dtype))
     B = S.shape[0]
     block = block_from_masks(S, pos, neg)
-    lam_pos, lam_neg = _as_row(lam_pos, B, S), _as_row(lam_neg, B, S)
-    block, parts, shifts, num = block_terms(
-        block, alpha, beta, lam_pos, lam_neg, weighting, epsilon, counts=True
-    )
-    result = []
-    for side, (R, acc), shift in zip(sides(alpha, beta, lam_pos, lam_neg), parts, shifts):
-        loss, scale = side_finish(acc, shift, side.coef, weighting)
-        result.append(SideTerms(loss, R.detach(), scale, acc.detach()))
-    return block, result, num
+    side_pair = sides(alpha, beta, _as_row(lam_pos, B, S), _as_row(lam_neg, B, S))
+    hard = hardest(block)
+    shifts = side_shifts(side_pair, hard, epsilon, w)
+    bt = block_terms(block, side_pair, shifts, hard, weighting=w, epsilon=epsilon, counts=True)
+    losses = SidePair(*(side_finish(t.acc, sh, s.coef, w) for t, sh, s in zip(bt.terms, shifts, side_pair)))
+    terms = SidePair(*(PairTerms(t.R.detach(), t.acc.detach()) for t in bt.terms))
+    return _DenseResult(bt.block, terms, losses, bt.counts)
 
 
-def weight_sum(acc: torch.Tensor, r_sum: Optional[torch.Tensor], scale: torch.Tensor, weighting: str):
-    """Per-anchor sum of a side's pair weights ``R * scale``: ``R`` sums to ``acc``
-    except for ``"self"``, whose ``R`` (sigmoids) is summed separately (``r_sum``)."""
-    return (r_sum if weighting == "self" else acc) * scale
-
-
-def _weight_sums(block: Block, t_pos: SideTerms, t_neg: SideTerms, weighting: str):
-    r_pos = r_neg = None
-    if weighting == "self":
-        r_pos = torch.zeros_like(t_pos.scale).index_add(0, block.pa, t_pos.R)
-        r_neg = t_neg.R.sum(1)
-    return (
-        weight_sum(t_pos.acc, r_pos, t_pos.scale, weighting),
-        weight_sum(t_neg.acc, r_neg, t_neg.scale, weighting),
+def _weight_sums(res: _DenseResult, weighting: Weighting) -> SidePair:
+    r = SidePair(None, None)
+    if not weighting.log_sum_exp:
+        r = SidePair(
+            torch.zeros_like(res.losses.pos.scale).index_add(0, res.block.pa, res.terms.pos.R),
+            res.terms.neg.R.sum(1),
+        )
+    return SidePair(
+        *(weight_sum(t.acc, rs, sl.scale, weighting) for t, rs, sl in zip(res.terms, r, res.losses))
     )
 
 
@@ -395,8 +521,9 @@ def ms_terms(
     of the positive and negative sides, a float or ``(B,)``. With ``epsilon``
     the hard-pair rule first narrows the masks. Returns :class:`MSTerms`.
     """
-    block, (tp, tn), num = _terms(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon)
-    return MSTerms(tp.loss + tn.loss, *num, *_weight_sums(block, tp, tn, weighting))
+    res = _dense(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon)
+    ws = _weight_sums(res, get_weighting(weighting))
+    return MSTerms(res.losses.pos.loss + res.losses.neg.loss, *res.counts, *ws)
 
 
 def ms_anchor_losses(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -421,9 +548,12 @@ def pair_weights(
     ``w_pos[i, j] = -dL_i/dS_ij`` on (mined) positive pairs and
     ``w_neg[i, j] = dL_i/dS_ij`` on (mined) negative pairs, 0 elsewhere.
     """
-    block, (tp, tn), _ = _terms(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon)
-    w_pos = torch.zeros_like(tn.R).index_put_((block.pa, block.pj), tp.R * tp.scale[block.pa])
-    return w_pos, tn.R * tn.scale[:, None]
+    res = _dense(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon)
+    tp, tn = res.terms
+    w_pos = torch.zeros_like(tn.R).index_put_(
+        (res.block.pa, res.block.pj), tp.R * res.losses.pos.scale[res.block.pa]
+    )
+    return w_pos, tn.R * res.losses.neg.scale[:, None]
 
 
 def block_row_sums(block: Block) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -33,12 +33,20 @@ class MultiSimilarityMiner(BaseMiner):
         self.add_to_recordable_attributes(name="epsilon", is_stat=False)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
+        _checks.label_dtype(labels, "labels")
+        _checks.label_dtype(ref_labels, "ref_labels")
+        if len(embeddings) == 0 or len(ref_emb) == 0:
+            empty = torch.zeros(0, dtype=torch.long, device=embeddings.device)
+            return F_ms.MinedPairs(empty, empty.clone(), empty.clone(), empty.clone())
         mat = self.distance(embeddings, ref_emb)
         S = mat if self.distance.is_inverted else -mat
         self_index = None
-        if embeddings is ref_emb:
+        # self pairs are dropped when the references are the batch itself: the same
+        # embeddings tensor (PML's miner's rule) or the same labels tensor (PML's
+        # pair rule; PML's miner would count such a pair as positive and negative at once)
+        if embeddings is ref_emb or ref_labels is labels:
             self_index = torch.arange(len(embeddings), device=embeddings.device)
-        block = F_ms.block_from_labels(S, labels, ref_labels.to(labels.device), self_index, reuse=True)
+        block = F_ms.block_from_labels(S, labels, ref_labels.to(labels.device), self_index, inplace=True)
         return F_ms.mined_pairs(block, self.epsilon)
 
     def get_default_distance(self):

@@ -26,7 +26,9 @@ def worker(rank, init_file, out_dir):
         from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
         native = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).double()
-        wrapped_inner = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).double()
+        wrapped_inner = losses.CrossBatchMemory(
+            losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY, gather=False
+        ).double()
         wrapped = DistributedLossWrapper(wrapped_inner)
         records = []
         for step in range(STEPS):
@@ -47,6 +49,15 @@ def worker(rank, init_file, out_dir):
                     wrapped_advance=(wrapped_inner.queue_idx - before) % MEMORY,
                 )
             )
+        # the default gather="auto" inside PML's wrapper would gather twice: refused clearly
+        misused = DistributedLossWrapper(
+            losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).double()
+        )
+        try:
+            misused(local.detach(), local_y)
+            records.append("no error")
+        except ValueError as exc:
+            records.append(str(exc))
         torch.save(records, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -74,5 +85,7 @@ def test_two_ranks_share_one_memory_and_match_a_single_process():
         torch.testing.assert_close((r0["loss"] + r1["loss"]) / WORLD, expected.detach())
         for r, rec in enumerate((r0, r1)):
             torch.testing.assert_close(rec["grad"] / WORLD, expected_grad[r * LOCAL : (r + 1) * LOCAL])
-        # inside PML's DistributedLossWrapper the batch is gathered once, not twice
+        # inside PML's DistributedLossWrapper (gather=False) the batch is gathered once, not twice
         assert r0["wrapped_advance"] == WORLD * LOCAL
+    for r in range(WORLD):
+        assert "gathered already" in ranks[r][-1] and "gather=False" in ranks[r][-1]

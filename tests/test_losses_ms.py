@@ -61,7 +61,7 @@ def assert_close(a, b, dtype):
 @pytest.mark.parametrize("dist", list(DISTANCES))
 def test_parity_with_pml_over_distances_and_tuples(device, dtype, use_ref, kind, dist):
     skip_if_half_unsupported(device, dtype)
-    seed = hash((dist, kind, use_ref)) % 1000
+    seed = 100 * list(DISTANCES).index(dist) + 10 * TUPLES.index(kind) + int(use_ref)  # fixed, reproducible
     x, y = make_batch(seed, device=device, dtype=dtype)
     ref, ref_y = make_batch(seed + 1, n=24, device=device, dtype=dtype) if use_ref else (None, None)
     inputs = (x, ref) if use_ref else (x,)
@@ -193,9 +193,10 @@ def test_gpw_modes_by_hand(device, weighting):
     x, _ = make_batch(5, n=6, dim=4, device=device, dtype=torch.float64)
     loss_fn = losses.MSLoss(weighting=weighting, reducer=pml_reducers.DoNothingReducer())
     got = loss_fn(x, labels)["loss"]["losses"]
+    assert got.shape == (6, 1)  # PML's element-loss shape
     S = torch.nn.functional.normalize(x.detach(), dim=1) @ torch.nn.functional.normalize(x.detach(), dim=1).T
     expected = by_hand(S.cpu().tolist(), labels.cpu().tolist(), weighting).to(device)
-    torch.testing.assert_close(got.detach(), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.detach()[:, 0], expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
@@ -358,3 +359,239 @@ def test_pml_distributed_wrapper_accepts_msloss(device):
     with pytest.warns(UserWarning):
         value = wrapped(x, y)
     assert float(value.detach()) == pytest.approx(float(losses.MSLoss(epsilon=0.1)(x, y).detach()))
+
+
+# ---------------------------------------------------------------- robustness regressions
+def easy_batch(device, dtype, n_classes=6, per_class=3, dim=8, seed=7):
+    """Positives almost identical, negatives far apart: hard-pair mining removes every pair."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(
+        torch.randn(n_classes, dim, generator=g, dtype=torch.float64), dim=1
+    )
+    x = centres.repeat_interleave(per_class, 0) + 1e-3 * torch.randn(n_classes * per_class, dim, generator=g)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    return x.to(device=device, dtype=dtype).requires_grad_(True), y.to(device)
+
+
+def pml_mined(x, y, epsilon, **kw):
+    pairs = pml_miners.MultiSimilarityMiner(epsilon)(x.detach(), y)
+    return pml_losses.MultiSimilarityLoss(**kw)(x, y, pairs)
+
+
+@pytest.mark.parametrize("dtype, beta", [(torch.float32, 200.0), (torch.float64, 1000.0)])
+@pytest.mark.parametrize("base", [0.0, 0.3])
+def test_mined_away_anchors_give_zero_not_minus_inf(device, dtype, beta, base):
+    # beta * (hardest negative - base) beyond exp's range once every pair is mined away
+    x, y = easy_batch(device, dtype)
+    got, (g_got,) = value_and_grads(losses.MSLoss(epsilon=0.1, beta=beta, base=base), (x,), x, y)
+    want, (g_want,) = value_and_grads(lambda *a: pml_mined(*a, 0.1, beta=beta, base=base), (x,), x, y)
+    assert torch.isfinite(got) and torch.isfinite(g_got).all()
+    assert_close(got, want, dtype)
+    assert_close(g_got, g_want, dtype)
+    w_pos, w_neg = losses.MSLoss(epsilon=0.1, beta=beta, base=base).pair_weights(x.detach(), y)
+    assert torch.isfinite(w_pos).all() and torch.isfinite(w_neg).all()
+    adaptive = losses.AdaptiveMSLoss(epsilon=0.1, beta=beta, base=base, margin=0.0, margin_mode="anchor")
+    value = adaptive(x, y)
+    (g,) = torch.autograd.grad(value, x)
+    assert torch.isfinite(value) and torch.isfinite(g).all()
+    memory = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1, beta=beta, base=base), 8, memory_size=36)
+    value = memory.to(device=device, dtype=dtype)(x, y)
+    (g,) = torch.autograd.grad(value, x)
+    assert torch.isfinite(value) and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+@pytest.mark.parametrize("scale, beta", [(1e3, 1e3), (1e2, 1e4), (30.0, 1e5)])
+def test_large_exponents_in_float32_match_float64(device, epsilon, scale, beta):
+    x, y = make_batch(11, n=24, dim=8, classes=4, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        x *= scale
+    dist = lambda: pml_distances.DotProductSimilarity(normalize_embeddings=False)  # noqa: E731
+    x32 = x.detach().float().requires_grad_(True)
+
+    def ours(inp):
+        return losses.MSLoss(distance=dist(), beta=beta, epsilon=epsilon)(inp, y)
+
+    got, (g_got,) = value_and_grads(ours, (x32,), x32)
+    want, (g_want,) = value_and_grads(ours, (x,), x)
+    if epsilon is None:  # PML in float64 is the reference of the unmined loss
+        pml, (g_pml,) = value_and_grads(
+            pml_losses.MultiSimilarityLoss(distance=dist(), beta=beta), (x,), x, y
+        )
+        torch.testing.assert_close(want, pml, rtol=1e-9, atol=0)
+        torch.testing.assert_close(g_want, g_pml, rtol=1e-9, atol=1e-9)
+    assert torch.isfinite(got) and torch.isfinite(g_got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(g_got.double(), g_want, rtol=1e-4, atol=1e-3 * float(g_want.abs().max()))
+
+
+@pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_second_order_gradients_are_exact(device, weighting, epsilon, use_ref):
+    x, y = make_batch(13, n=10, dim=4, classes=3, device=device, dtype=torch.float64)
+    ref, ref_y = make_batch(14, n=7, dim=4, classes=3, device=device, dtype=torch.float64)
+    loss_fn = losses.MSLoss(epsilon=epsilon, weighting=weighting, fused=True)
+
+    def f(a, r):
+        return loss_fn(a, y, None, r, ref_y) if use_ref else loss_fn(a, y)
+
+    assert torch.autograd.gradgradcheck(f, (x, ref if use_ref else x.detach()))
+    # torch.func transforms agree with autograd
+    args = (ref, ref_y) if use_ref else ()
+    (expected,) = torch.autograd.grad(loss_fn(x, y, None, *args), x)
+    got = torch.func.grad(lambda a: loss_fn(a, y, None, *args))(x)
+    torch.testing.assert_close(got, expected)
+    # a Hessian-vector product through the fused path equals the dense path's
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+    hvp = []
+    for fused in (True, False):
+        fn = losses.MSLoss(epsilon=epsilon, weighting=weighting, fused=fused)
+        (g,) = torch.autograd.grad(fn(x, y, None, *args), x, create_graph=True)
+        (h,) = torch.autograd.grad((g * v).sum(), x)
+        hvp.append(h)
+    torch.testing.assert_close(hvp[0], hvp[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+def test_second_order_gradients_match_pml(device, epsilon):
+    x, y = make_batch(15, n=12, dim=4, classes=3, device=device, dtype=torch.float64)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+
+    def hvp(fn):
+        (g,) = torch.autograd.grad(fn(x), x, create_graph=True)
+        return torch.autograd.grad((g * v).sum(), x)[0]
+
+    ours = hvp(lambda a: losses.MSLoss(epsilon=epsilon)(a, y))
+    if epsilon is None:
+        theirs = hvp(lambda a: pml_losses.MultiSimilarityLoss()(a, y))
+    else:
+        pairs = pml_miners.MultiSimilarityMiner(epsilon)(x.detach(), y)
+        theirs = hvp(lambda a: pml_losses.MultiSimilarityLoss()(a, y, pairs))
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+EMPTY_CASES = ["no_anchors", "no_references", "no_anchors_with_references"]
+
+
+def empty_inputs(case, device):
+    x, y = make_batch(16, n=8, dim=4, classes=2, device=device)
+    e = torch.zeros(0, 4, device=device, requires_grad=True)
+    ey = torch.zeros(0, dtype=torch.long, device=device)
+    if case == "no_anchors":
+        return (e, ey, None, None), e
+    if case == "no_references":
+        return (x, y, e.detach(), ey), x
+    return (e, ey, x.detach(), y), e
+
+
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+@pytest.mark.parametrize("dist", ["cosine", "lp"])
+@pytest.mark.parametrize("case", EMPTY_CASES)
+def test_empty_inputs_give_pmls_zero(device, case, dist, epsilon):
+    args, leaf = empty_inputs(case, device)
+    got = losses.MSLoss(epsilon=epsilon, distance=DISTANCES[dist]())(*args[:2], None, *args[2:])
+    want = pml_losses.MultiSimilarityLoss(distance=DISTANCES[dist]())(*args[:2], None, *args[2:])
+    assert float(got.detach()) == float(want.detach()) == 0.0
+    (g,) = torch.autograd.grad(got, leaf)
+    assert g.shape == leaf.shape and not g.any()
+    ours = miners.MultiSimilarityMiner(0.1)(args[0].detach(), args[1], *args[2:])
+    theirs = pml_miners.MultiSimilarityMiner(0.1)(args[0].detach(), args[1], *args[2:])
+    assert [len(t) for t in ours] == [len(t) for t in theirs] == [0, 0, 0, 0]
+    assert all(t.dtype == torch.long for t in ours)
+
+
+def pair_set(tup):
+    return {tuple(p) for p in torch.stack(tup[:2], 1).tolist()}, {
+        tuple(p) for p in torch.stack(tup[2:], 1).tolist()
+    }
+
+
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+@pytest.mark.parametrize("combo", ["same_x_cloned_y", "cloned_x_same_y", "other_x_same_y", "other_x_other_y"])
+def test_self_comparisons_follow_pmls_rule(device, epsilon, combo):
+    # PML drops self pairs when ref_labels is labels; its miner also when ref_emb is embeddings
+    x, y = make_batch(17, n=12, dim=4, classes=3, device=device, dtype=torch.float64)
+    other, _ = make_batch(18, n=12, dim=4, classes=3, device=device, dtype=torch.float64)
+    ref, ref_y = {
+        "same_x_cloned_y": (x, y.clone()),
+        "cloned_x_same_y": (x.detach().clone(), y),
+        "other_x_same_y": (other, y),
+        "other_x_other_y": (other, y[torch.randperm(12, generator=torch.Generator().manual_seed(3))]),
+    }[combo]
+    inputs = tuple(t for t in ((x,) if ref is x else (x, ref)) if t.requires_grad)
+    got, g_got = value_and_grads(losses.MSLoss(epsilon=epsilon), inputs, x, y, None, ref, ref_y)
+    pairs = None
+    xd = x.detach()
+    ref_d = xd if ref is x else ref.detach()  # keep "ref_emb is embeddings" for the miner
+    # same labels, other embeddings: PML's miner counts (i, i) as a positive AND a negative
+    # candidate, and PML's loss then refuses its pairs; ours drops (i, i) as PML's loss does
+    pml_contradicts = ref_y is y and ref is not x
+    miner = miners if pml_contradicts else pml_miners
+    if epsilon is not None:
+        pairs = miner.MultiSimilarityMiner(epsilon)(xd, y, ref_d, ref_y)
+    want, g_want = value_and_grads(pml_losses.MultiSimilarityLoss(), inputs, x, y, pairs, ref, ref_y)
+    assert_close(got, want, torch.float64)
+    for a, b in zip(g_got, g_want):
+        assert_close(a, b, torch.float64)
+    ours = miners.MultiSimilarityMiner(0.1)(xd, y, ref_d, ref_y)
+    theirs = pml_miners.MultiSimilarityMiner(0.1)(xd, y, ref_d, ref_y)
+    if pml_contradicts:
+        pos, neg = pair_set(theirs)
+        assert pos & neg  # PML's miner: a pair both positive and negative
+        with pytest.raises(AssertionError, match="either be positive or negative"):
+            pml_losses.MultiSimilarityLoss()(x, y, theirs, ref, ref_y)
+        own = {(i, i) for i in range(len(y))}
+        assert not (pair_set(ours)[0] | pair_set(ours)[1]) & own
+    else:
+        assert pair_set(ours) == pair_set(theirs)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int8, torch.int16, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+def test_integer_and_bool_labels_give_pmls_numbers(device, label_dtype, epsilon):
+    x, y = make_batch(19, n=16, dim=4, classes=2 if label_dtype == torch.bool else 5, device=device)
+    y_cast = y.to(label_dtype)
+    got = losses.MSLoss(epsilon=epsilon)(x, y_cast)
+    want = (
+        pml_losses.MultiSimilarityLoss()(x, y)
+        if epsilon is None
+        else pml_losses.MultiSimilarityLoss()(x, y, pml_miners.MultiSimilarityMiner(epsilon)(x.detach(), y))
+    )
+    assert_close(got, want, torch.float32)
+    ours = miners.MultiSimilarityMiner(0.1)(x.detach(), y_cast)
+    theirs = pml_miners.MultiSimilarityMiner(0.1)(x.detach(), y)
+    assert [len(t) for t in ours] == [len(t) for t in theirs]
+
+
+@pytest.mark.parametrize("label_dtype", [torch.float32, torch.float64, torch.complex64])
+def test_floating_point_labels_are_refused_everywhere(device, label_dtype):
+    x, y = make_batch(20, n=8, dim=4, device=device)
+    yf = y.to(label_dtype)
+    for call in (
+        lambda: losses.MSLoss()(x, yf),
+        lambda: losses.MSLoss(epsilon=0.1)(x, y, None, x.detach(), yf),
+        lambda: miners.MultiSimilarityMiner()(x.detach(), yf),
+        lambda: losses.CrossBatchMemory(losses.MSLoss(), 4, memory_size=16)(x, yf),
+    ):
+        with pytest.raises(ValueError, match="integer or bool tensor"):
+            call()
+
+
+def test_do_nothing_reducer_gives_pmls_shape(device):
+    x, y = make_batch(21, n=10, dim=4, device=device)
+    got = losses.MSLoss(reducer=pml_reducers.DoNothingReducer())(x, y)["loss"]["losses"]
+    want = pml_losses.MultiSimilarityLoss(reducer=pml_reducers.DoNothingReducer())(x, y)["loss"]["losses"]
+    assert got.shape == want.shape
+    assert_close(got, want, torch.float32)
+
+
+def test_fused_switch(device):
+    x, y = make_batch(22, n=10, dim=4, device=device, dtype=torch.float64)
+    values = [losses.MSLoss(epsilon=0.1, fused=f)(x, y) for f in (None, True, False)]
+    torch.testing.assert_close(values[0], values[1])
+    torch.testing.assert_close(values[0], values[2], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="fused=True"):
+        losses.MSLoss(fused=True, distance=pml_distances.LpDistance())(x, y)
+    with pytest.raises(ValueError, match="fused must be"):
+        losses.MSLoss(fused="yes")

@@ -208,3 +208,138 @@ def test_bad_input_leaves_memory_untouched(device):
     assert before.keys() == after.keys()
     for key in before:
         assert torch.equal(before[key], after[key]), key
+
+
+# ---------------------------------------------------------------- robustness regressions
+PML_MINERS = {
+    "triplet_all": lambda: pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets="all"),
+    "triplet_semihard": lambda: pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard"),
+    "pair_margin": lambda: pml_miners.PairMarginMiner(pos_margin=0.2, neg_margin=0.8),
+    "ms": lambda: pml_miners.MultiSimilarityMiner(0.1),
+}
+
+
+@pytest.mark.parametrize("miner", list(PML_MINERS))
+@pytest.mark.parametrize("extra", [None, "pairs", "triplets"])
+def test_explicit_miner_keeps_pmls_order(device, miner, extra):
+    # PML drops a whole triplet whose positive is the anchor's own copy, its negative included
+    ours = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY, miner=PML_MINERS[miner]())
+    theirs = pml_losses.CrossBatchMemory(
+        pml_losses.MultiSimilarityLoss(), DIM, memory_size=MEMORY, miner=PML_MINERS[miner]()
+    )
+    ours, theirs = ours.to(device).double(), theirs.to(device).double()
+    for step, (x, y, _) in enumerate(steps(device, torch.float64, n_steps=4)):
+        if step == 0:  # anchor 0's only positive in memory is its own copy: PML drops its triplets
+            y = y.clone()
+            y[0] = 99
+            with torch.no_grad():  # and close to some negatives, so the miners pick triplets
+                x[0] = x[1] + 0.05 * x[2]
+        tup = None
+        if extra is not None:  # the caller's own tuple, in memory indices (after enqueueing)
+            n = min(MEMORY, (step + 1) * BATCH)
+            g = torch.Generator().manual_seed(step)
+            a = torch.randint(0, BATCH, (6,), generator=g).to(device)
+            mem_y = theirs.label_memory.clone()
+            idx = (theirs.queue_idx + torch.arange(BATCH, device=device)) % MEMORY
+            mem_y[idx] = y
+            cand = torch.randint(0, n, (6, 40), generator=g).to(device)
+            same = mem_y[cand] == y[a, None]
+            p = cand[torch.arange(6), same.float().argmax(1)]
+            q = cand[torch.arange(6), (~same).float().argmax(1)]
+            tup = (a, p, a, q) if extra == "pairs" else (a, p, q)
+        a_val = ours(x, y, tup)
+        (ga,) = torch.autograd.grad(a_val, x)
+        b_val = theirs(x, y, tup)
+        (gb,) = torch.autograd.grad(b_val, x)
+        torch.testing.assert_close(a_val, b_val, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "case", ["out_of_range_anchor", "out_of_range_ref", "pos_and_neg", "bad_shape", "float"]
+)
+def test_rejected_indices_tuple_enqueues_nothing(device, case):
+    ours = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).to(device)
+    x, y = make_batch(2, n=BATCH, dim=DIM, device=device)
+    ours(x, y)
+    before = copy.deepcopy(ours.state_dict())
+    x2, y2 = make_batch(3, n=BATCH, dim=DIM, device=device)
+    i = torch.tensor([0, 1], device=device)
+    tup, message = {
+        "out_of_range_anchor": ((i + BATCH, i, i, i), "anchor indices must lie in"),
+        "out_of_range_ref": ((i, i + MEMORY, i, i), "positive indices must lie in"),
+        "pos_and_neg": ((i, i + 2, i, i + 2), "both as positive and as negative"),
+        "bad_shape": ((i, i[:1], i, i), "lengths differ"),
+        "float": ((i.float(), i, i, i), "1D integer tensors"),
+    }[case]
+    with pytest.raises(ValueError, match=message):
+        ours(x2, y2, tup)
+    after = ours.state_dict()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    # and the memory goes on as if the call had not happened
+    reference = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).to(device)
+    reference(x, y)
+    torch.testing.assert_close(ours(x2, y2), reference(x2, y2))
+
+
+def test_failing_miner_enqueues_nothing(device):
+    class Broken(pml_miners.BaseMiner):
+        def mine(self, *args):
+            raise RuntimeError("miner failed")
+
+    ours = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY, miner=Broken()).to(device)
+    before = copy.deepcopy(ours.state_dict())
+    x, y = make_batch(4, n=BATCH, dim=DIM, device=device)
+    with pytest.raises(RuntimeError, match="miner failed"):
+        ours(x, y)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(before[key], value), key
+
+
+@pytest.mark.parametrize("label_dtype", [torch.bool, torch.uint8, torch.int16])
+def test_small_label_dtypes_in_memory_match_pml(device, label_dtype):
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device)
+    theirs = pml_memory(device, torch.float32)
+    for x, y, _ in steps(device, torch.float32, n_steps=3):
+        y = y % 2 if label_dtype == torch.bool else y
+        torch.testing.assert_close(ours(x, y.to(label_dtype)), theirs(x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_pml_state_dict_loads_with_a_clear_story(device):
+    theirs = pml_losses.CrossBatchMemory(
+        pml_losses.MultiSimilarityLoss(), DIM, memory_size=MEMORY, miner=pml_miners.MultiSimilarityMiner(0.1)
+    ).to(device)
+    batches = list(steps(device, torch.float32, n_steps=4))
+    for x, y, _ in batches[:3]:
+        theirs(x, y)
+    state = theirs.state_dict()
+    ours = losses.CrossBatchMemory(
+        losses.MSLoss(), DIM, memory_size=MEMORY, miner=pml_miners.MultiSimilarityMiner(0.1)
+    ).to(device)
+    with pytest.raises(RuntimeError, match="state dict of PML's CrossBatchMemory"):
+        ours.load_state_dict(state)
+    ours.load_state_dict(state, strict=False)
+    ours.queue_idx, ours.has_been_filled = theirs.queue_idx, theirs.has_been_filled
+    x, y, _ = batches[3]
+    torch.testing.assert_close(ours(x, y), theirs(x, y))
+
+
+def test_gather_setting(device):
+    with pytest.raises(ValueError, match="gather must be"):
+        losses.CrossBatchMemory(losses.MSLoss(), DIM, gather="yes")
+    ours = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY, gather=True).to(device)
+    x, y = make_batch(5, n=BATCH, dim=DIM, device=device)
+    with pytest.raises(ValueError, match="gather=True needs an initialised"):
+        ours(x, y)
+    assert ours.queue_idx == 0
+
+
+def test_empty_batch_gives_zero(device):
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device)
+    x, y = make_batch(6, n=BATCH, dim=DIM, device=device)
+    ours(x, y)
+    e = torch.zeros(0, DIM, device=device, requires_grad=True)
+    value = ours(e, torch.zeros(0, dtype=torch.long, device=device))
+    (g,) = torch.autograd.grad(value, e)
+    assert float(value.detach()) == 0.0 and g.shape == (0, DIM) and ours.queue_idx == BATCH

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from .. import _checks
-from .. import functional as F_ms
 from .ms import MultiSimilarityLoss
 
 
@@ -52,11 +51,17 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     * the memory (embeddings, labels, write position, fill state, call counter)
       lives in buffers: ``state_dict()`` restores it exactly, ``.to(device)``
       moves it, and it stays float32 when embeddings arrive in half precision.
-    * under an initialised ``torch.distributed`` group every rank all-gathers
-      the batch (rank order) before enqueueing, so all ranks hold identical
-      memories, and each rank's loss covers its own anchors (equal local batch
-      sizes are required). Inside PML's ``DistributedLossWrapper``, which has
-      gathered already, no second gather happens (PML's semantics apply).
+    * ``gather="auto"`` (default): under an initialised ``torch.distributed``
+      group with more than one rank, every rank all-gathers the batch (rank
+      order) before enqueueing, so all ranks hold identical memories, and each
+      rank's loss covers its own anchors (equal local batch sizes are
+      required). Inside PML's ``DistributedLossWrapper``, which gathers
+      already, pass ``gather=False`` (PML's semantics then apply); a batch that
+      is identical on every rank is refused as "gathered already".
+      ``gather=True`` requires a process group.
+    * a call that raises (bad input, a bad ``indices_tuple``, a failing miner)
+      leaves the memory, its position and its call counter as they were.
+    * labels are class ids (integer or bool tensors), stored as int64.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         start_iteration: int = 0,
         batch_weight: float = 0.0,
         memory_weight: float = 1.0,
+        gather: Union[str, bool] = "auto",
     ):
         if not isinstance(loss, MultiSimilarityLoss):
             raise TypeError(
@@ -82,7 +88,11 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             raise ValueError(f"start_iteration must be an int >= 0, got {start_iteration!r}")
         _checks.non_negative("batch_weight", batch_weight)
         _checks.non_negative("memory_weight", memory_weight)
+        if gather not in ("auto", True, False):
+            raise ValueError(f"gather must be 'auto', True or False, got {gather!r}")
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner)
+        self.gather = gather
+        self.register_load_state_dict_pre_hook(self._label_state_hook)
         self.start_iteration = start_iteration
         self.batch_weight = batch_weight
         self.memory_weight = memory_weight
@@ -156,12 +166,14 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             enqueue_mask = enqueue_mask.to(device)
 
         queue_emb, queue_labels, queue_mask, offset = embeddings, labels, enqueue_mask, 0
-        if _is_distributed() and not self._inside_pml_wrapper():
+        if self._gathers():
             queue_emb, queue_labels, queue_mask, offset = self._gather(embeddings, labels, enqueue_mask)
         if queue_mask is not None:
             queue_emb, queue_labels = queue_emb[queue_mask], queue_labels[queue_mask]
         if len(queue_emb) > self.memory_size:
             raise ValueError(f"{len(queue_emb)} embeddings to enqueue exceed memory_size={self.memory_size}")
+        if indices_tuple is not None:
+            self._check_reference_indices(indices_tuple, self._filled_length_after(len(queue_emb)))
 
         if enqueue_mask is None:
             anchors, anchor_labels = embeddings, labels
@@ -171,18 +183,23 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         else:
             anchors, anchor_labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
             self_index = torch.full((len(anchors),), -1, dtype=torch.long, device=device)
-        self.add_to_memory(queue_emb, queue_labels)
 
-        iteration = int(self.iteration)
-        self.iteration += 1
-        if iteration < self.start_iteration:
-            return self.loss(embeddings, labels)
-        loss = self._memory_loss(anchors, anchor_labels, self_index, indices_tuple, enqueue_mask is None)
-        if self.memory_weight != 1:
-            loss = self.memory_weight * loss
-        if self.batch_weight:
-            loss = loss + self.batch_weight * self.loss(embeddings, labels)
-        return loss
+        undo = self._snapshot(len(queue_emb))
+        try:  # anything that fails from here on leaves the memory as it was
+            self.add_to_memory(queue_emb, queue_labels)
+            iteration = int(self.iteration)
+            self.iteration += 1
+            if iteration < self.start_iteration:
+                return self.loss(embeddings, labels)
+            loss = self._memory_loss(anchors, anchor_labels, self_index, indices_tuple, enqueue_mask is None)
+            if self.memory_weight != 1:
+                loss = self.memory_weight * loss
+            if self.batch_weight:
+                loss = loss + self.batch_weight * self.loss(embeddings, labels)
+            return loss
+        except BaseException:
+            self._restore(undo)
+            raise
 
     def _memory_loss(self, anchors, labels, self_index, indices_tuple, remove_self: bool):
         E_mem, L_mem = self.memory()
@@ -194,24 +211,53 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             return self.loss._forward(
                 anchors, labels, None, E_mem, L_mem, self_index=self_index, trusted_ref=True
             )
-        # PML's order: pairs from the miner (or all pairs), then self pairs dropped
-        shape = (len(anchors), len(E_mem))
+        pairs = self._indices_tuple(anchors, labels, E_mem, L_mem, indices_tuple, remove_self, self_index)
+        return self.loss(anchors, labels, pairs, E_mem, L_mem)
+
+    def _indices_tuple(self, anchors, labels, E_mem, L_mem, indices_tuple, remove_self, self_index):
+        """The tuple PML's ``CrossBatchMemory`` builds, in PML's order: the miner's tuple
+        (or all pairs), then self comparisons dropped (a whole triplet whose positive
+        is the anchor's own copy), then the caller's tuple appended in the same form."""
         if self.miner is not None:
-            pairs = self.miner(anchors, labels, E_mem, L_mem)
-            pos, neg = F_ms.masks_from_pairs(
-                lmu.convert_to_pairs(pairs, labels, L_mem), shape, anchors.device
-            )
+            tup = self.miner(anchors, labels, E_mem, L_mem)
         else:
-            pos, neg = F_ms.pair_masks(labels, L_mem)
+            tup = lmu.get_all_pairs_indices(labels, L_mem)
         if remove_self:
-            pos[torch.arange(len(anchors), device=pos.device), self_index] = False
-        if indices_tuple is not None:  # PML concatenates the caller's pairs (memory indices)
-            extra = lmu.convert_to_pairs(indices_tuple, labels)
-            extra_pos, extra_neg = F_ms.masks_from_pairs(extra, shape, anchors.device)
-            pos, neg = pos | extra_pos, neg | extra_neg
-        return self.loss._forward(anchors, labels, None, E_mem, L_mem, masks=(pos, neg), trusted_ref=True)
+            tup = lmu.remove_self_comparisons(tup, self_index, self.memory_size)
+        if indices_tuple is not None:
+            if len(indices_tuple) == 3 and len(tup) == 4:
+                indices_tuple = lmu.convert_to_pairs(indices_tuple, labels)
+            elif len(indices_tuple) == 4 and len(tup) == 3:
+                indices_tuple = lmu.convert_to_triplets(indices_tuple, labels)
+            tup = c_f.concatenate_indices_tuples(tup, indices_tuple)
+        return tup
 
     # ----------------------------------------------------------------- helpers
+    def _filled_length_after(self, n: int) -> int:
+        """How many memory slots hold entries once ``n`` more are enqueued."""
+        return self.memory_size if self.has_been_filled else min(self.memory_size, self.queue_idx + n)
+
+    def _snapshot(self, n: int):
+        """What enqueueing ``n`` entries overwrites, to undo a call that fails."""
+        slots = (self.queue_idx + torch.arange(n, device=self.embedding_memory.device)) % self.memory_size
+        return (
+            slots,
+            self.embedding_memory[slots].clone(),
+            self.label_memory[slots].clone(),
+            self.queue_position.clone(),
+            self.filled.clone(),
+            self.iteration.clone(),
+        )
+
+    def _restore(self, undo) -> None:
+        slots, emb, lab, position, filled, iteration = undo
+        with torch.no_grad():
+            self.embedding_memory[slots] = emb
+            self.label_memory[slots] = lab
+            self.queue_position.copy_(position)
+            self.filled.copy_(filled)
+            self.iteration.copy_(iteration)
+
     def _check_inputs(self, embeddings, labels, indices_tuple, enqueue_mask) -> None:
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
@@ -231,20 +277,29 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
                 )
         elif len(embeddings) > self.memory_size:
             raise ValueError(f"batch of {len(embeddings)} exceeds memory_size={self.memory_size}")
+        if indices_tuple is not None:
+            _checks.indices_tuple(indices_tuple, len(embeddings))
 
-    def _inside_pml_wrapper(self) -> bool:
-        """True when PML's DistributedLossWrapper (which gathers already) is calling us."""
-        from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+    @staticmethod
+    def _check_reference_indices(indices_tuple, num_refs: int) -> None:
+        """Positives and negatives of the caller's tuple index the memory (after enqueueing)."""
+        refs = indices_tuple[1:2] + indices_tuple[2:3] if len(indices_tuple) == 3 else indices_tuple[1::2]
+        for name, t in zip(("positive", "negative"), refs):
+            if len(t) and (int(t.min()) < 0 or int(t.max()) >= num_refs):
+                raise ValueError(
+                    f"indices_tuple: {name} indices must lie in [0, {num_refs}) (the filled memory), "
+                    f"got values in [{int(t.min())}, {int(t.max())}]"
+                )
 
-        frame = inspect.currentframe()
-        for _ in range(12):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return False
-            caller = frame.f_locals.get("self")
-            if isinstance(caller, DistributedLossWrapper) and caller.loss is self:
-                return True
-        return False
+    def _gathers(self) -> bool:
+        """Whether this call all-gathers the batch across ranks (see ``gather``)."""
+        if self.gather is False:
+            return False
+        if not _is_distributed():
+            if self.gather is True:
+                raise ValueError("gather=True needs an initialised torch.distributed process group")
+            return False
+        return torch.distributed.get_world_size() > 1
 
     def _gather(
         self, embeddings, labels, enqueue_mask
@@ -252,6 +307,43 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         sizes = _all_gather(torch.tensor([len(embeddings)], device=embeddings.device))
         if bool((sizes != sizes[0]).any()):
             raise ValueError(f"CrossBatchMemory needs equal batch sizes on every rank, got {sizes.tolist()}")
+        all_emb = _all_gather(embeddings)
+        if len(embeddings) and self._same_rows_on_every_rank(all_emb.view(len(sizes), len(embeddings), -1)):
+            raise ValueError(
+                "every rank passed the same batch: it looks gathered already (PML's "
+                "DistributedLossWrapper does that); construct CrossBatchMemory(..., gather=False) there"
+            )
         mask = None if enqueue_mask is None else _all_gather(enqueue_mask.to(torch.uint8)).bool()
         offset = torch.distributed.get_rank() * len(embeddings)
-        return _all_gather(embeddings), _all_gather(labels), mask, offset
+        return all_emb, _all_gather(labels), mask, offset
+
+    @staticmethod
+    def _same_rows_on_every_rank(parts: torch.Tensor) -> bool:
+        """Whether every rank holds the same rows in some order (``parts``: world x B x D),
+        as after PML's ``DistributedLossWrapper``, which puts each rank's own rows first.
+        Rows are compared through one fixed projection, sorted: identical rows project
+        to identical values."""
+        direction = torch.linspace(1.0, 2.0, parts.shape[-1], dtype=parts.dtype, device=parts.device)
+        keys = (parts.detach() @ direction).sort(dim=1).values
+        return bool((keys == keys[:1]).all())
+
+    # ---------------------------------------------------- PML checkpoints
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``torch.nn.Module.load_state_dict``; a state dict of PML's ``CrossBatchMemory``
+        (the memory without its write position and fill state) gets a clear error under
+        ``strict=True`` saying how to load it."""
+        ours = ("queue_position", "filled", "iteration")
+        if strict and "embedding_memory" in state_dict and not any(k in state_dict for k in ours):
+            raise RuntimeError(
+                "this looks like a state dict of PML's CrossBatchMemory, which does not save the write "
+                "position or the fill state: load it with load_state_dict(state, strict=False), then set "
+                "queue_idx and has_been_filled to the values PML's memory had"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @staticmethod
+    def _label_state_hook(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """Stored labels are class ids: refuse a checkpoint with non-integer labels."""
+        labels = state_dict.get(prefix + "label_memory")
+        if labels is not None and labels.is_floating_point() and not bool((labels == labels.round()).all()):
+            errors.append(f"{prefix}label_memory holds non-integer labels; pml_ms_plus stores class ids")

@@ -6,6 +6,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import reducers as pml_reducers
 from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
@@ -42,6 +43,10 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             ``False`` restores PyTorch's NaN-in, NaN-out behaviour.
         chunk_size: references per block on the fused path (default
             ``2**22 // batch_size``); bounds the extra memory.
+        fused: ``None`` (default) takes the fused path where it applies;
+            ``False`` forces the dense autograd path; ``True`` requires the
+            fused path (``ValueError`` where it does not apply). For debugging
+            and benchmarking: both paths give the same numbers.
         **kwargs: PML's ``distance``, ``reducer``, ``embedding_regularizer``,
             ``collect_stats``.
 
@@ -66,6 +71,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         *,
         check_finite: bool = True,
         chunk_size: Optional[int] = None,
+        fused: Optional[bool] = None,
         **kwargs,
     ):
         _checks.positive("alpha", alpha)
@@ -75,7 +81,10 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         F_ms.check_weighting(weighting)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
         super().__init__(alpha=alpha, beta=beta, base=base, **kwargs)
+        self.fused = fused
         self.epsilon = epsilon
         self.weighting = weighting
         self.check_finite = check_finite
@@ -130,8 +139,17 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
     def compute_loss(
         self, embeddings, labels, indices_tuple, ref_emb, ref_labels, self_index=None, masks=None
     ):
-        if self_index is None and ref_emb is embeddings:
-            self_index = torch.arange(len(embeddings), device=embeddings.device)
+        if ref_labels is None and labels is not None and indices_tuple is None and masks is None:
+            if len(ref_emb) != len(embeddings):
+                raise ValueError(
+                    f"ref_labels is required: ref_emb has {len(ref_emb)} rows, embeddings {len(embeddings)}"
+                )
+            ref_labels = labels  # PML's rule: the batch's labels, self pairs removed
+        if len(embeddings) == 0 or len(ref_emb) == 0:  # no pairs: PML's zero loss
+            self._record(None)
+            return self.zero_losses()
+        if self_index is None and masks is None and indices_tuple is None:
+            self_index = self._self_index(embeddings, labels, ref_emb, ref_labels)
         if self._use_fused(labels, ref_labels, indices_tuple, masks):
             terms = self._fused_terms(embeddings, labels, ref_emb, ref_labels, self_index)
         else:
@@ -140,18 +158,32 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             )
             terms = F_ms.ms_terms(*problem[:3], **problem[3])
         self._record(terms)
+        losses = terms.losses.to(embeddings.dtype)
+        if not isinstance(self.reducer, pml_reducers.ClassWeightedReducer):
+            losses = losses[:, None]  # PML's shape, (B, 1); see the README for ClassWeightedReducer
         return {
             "loss": {
-                "losses": terms.losses.to(embeddings.dtype),
+                "losses": losses,
                 "indices": torch.arange(len(embeddings), device=embeddings.device),
                 "reduction_type": "element",
             }
         }
 
+    def _self_index(self, embeddings, labels, ref_emb, ref_labels) -> Optional[torch.Tensor]:
+        """Each anchor's own column when the references are the batch itself, PML's rule.
+
+        PML's loss drops self pairs when ``ref_labels is labels`` (after its
+        ``ref_emb``/``ref_labels`` defaulting); PML's miner, whose pairs the fused
+        mining (``epsilon``) reproduces, ignores them when ``ref_emb is
+        embeddings`` too.
+        """
+        same = ref_labels is labels or (self.epsilon is not None and ref_emb is embeddings)
+        return torch.arange(len(embeddings), device=embeddings.device) if same else None
+
     # ------------------------------------------------------------ the two paths
     def _use_fused(self, labels, ref_labels, indices_tuple, masks) -> bool:
         d = self.distance
-        return (
+        applies = (
             type(d) in _FAST_DISTANCES
             and d.power == 1
             and labels is not None
@@ -159,6 +191,12 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             and indices_tuple is None
             and masks is None
         )
+        if self.fused and not applies:
+            raise ValueError(
+                "fused=True: the fused path needs CosineSimilarity or DotProductSimilarity "
+                "(power 1), labels and no indices_tuple"
+            )
+        return applies and self.fused is not False
 
     def _sign(self) -> float:
         """+1 for similarities, -1 for distances (see functional's orientation)."""
@@ -195,13 +233,13 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             self_index,
             lam_pos,
             lam_neg,
-            self.alpha,
-            self.beta,
-            self.weighting,
-            self.epsilon,
-            self.chunk_size,
-            self.collect_stats,
-            ref_norm_p,
+            alpha=self.alpha,
+            beta=self.beta,
+            weighting=self.weighting,
+            epsilon=self.epsilon,
+            chunk_size=self.chunk_size,
+            counts=self.collect_stats,
+            ref_norm_p=ref_norm_p,
         )
 
     def _dense_problem(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, self_index, masks):
@@ -259,8 +297,12 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         return lam, lam
 
     # ----------------------------------------------------------------- extras
-    def _record(self, terms: F_ms.MSTerms) -> None:
+    def _record(self, terms: Optional[F_ms.MSTerms]) -> None:
         if not self.collect_stats:
+            return
+        if terms is None:
+            self.num_pos_pairs = self.num_neg_pairs = self.num_nonzero_anchors = 0
+            self.mean_pos_weight = self.mean_neg_weight = 0.0
             return
         with torch.no_grad():
             n_pos = int(terms.num_pos.sum())
@@ -289,9 +331,11 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         labels = labels.to(embeddings.device)
         if ref_emb is None:
             ref_emb, ref_labels = embeddings, labels
-        self_index = (
-            torch.arange(len(embeddings), device=embeddings.device) if ref_emb is embeddings else None
-        )
+        elif ref_labels is None:
+            raise ValueError("pair_weights: ref_labels is required with ref_emb")
+        else:
+            ref_labels = ref_labels.to(ref_emb.device)
+        self_index = self._self_index(embeddings, labels, ref_emb, ref_labels)
         S, pos, neg, kwargs = self._dense_problem(
             embeddings, labels, None, ref_emb, ref_labels, self_index, None
         )
