@@ -1,6 +1,6 @@
 """The fused, chunked MS loss for inner-product similarities.
 
-``ms_terms_fused(x, y, ...)`` equals ``functional.ms_terms(x @ y.T, masks, ...)``
+``ms_terms_fused(x, y, ...)`` equals ``_blocks.dense_terms(x @ y.T, masks, ...)``
 but never holds more than one ``(B, chunk)`` block of similarities at a time,
 and its backward uses the closed-form pair weights (``dL/dS = w_neg - w_pos``)
 instead of letting autograd store ``(B, M)`` intermediates:
@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from . import functional as F_ms
+from . import _blocks
 
 CHUNK_ELEMENTS = 2**22
 
@@ -50,7 +50,7 @@ class _Config(NamedTuple):
     alpha: float
     beta: float
     epsilon: Optional[float]
-    weighting: F_ms.Weighting
+    weighting: _blocks.Weighting
     cols: int
     counts: bool
 
@@ -77,10 +77,10 @@ class _Problem(NamedTuple):
             A.mul_(self.ref_scale[c0 : c0 + A.shape[1]])
         return A
 
-    def block(self, c0: int, cols: int) -> F_ms.Block:
-        """The :class:`functional.Block` of references ``[c0, c0 + cols)`` (no autograd)."""
+    def block(self, c0: int, cols: int) -> _blocks.Block:
+        """The :class:`_blocks.Block` of references ``[c0, c0 + cols)`` (no autograd)."""
         S = self.scale_columns_(self.x @ self.y[c0 : c0 + cols].T, c0)
-        return F_ms.block_from_labels(
+        return _blocks.block_from_labels(
             S, self.labels, self.ref_labels[c0 : c0 + cols], self.self_index - c0, inplace=True
         )
 
@@ -91,24 +91,25 @@ class _Problem(NamedTuple):
 
 
 # ----------------------------------------------------------- forward, by step
-def _hardest_pass(prob: _Problem, cfg: _Config) -> Tuple[F_ms.Hardest, Optional[F_ms.Block]]:
+def _hardest_pass(prob: _Problem, cfg: _Config) -> Tuple[_blocks.Hardest, Optional[_blocks.Block]]:
     """Step 1: the hardest pairs over all references, and the block if it is the only one."""
     if prob.keeps_one_block(cfg.cols):
         block = prob.block(0, cfg.cols)
-        return F_ms.hardest(block), block
+        return _blocks.hardest(block), block
     hard = None
     for c0 in prob.starts(cfg.cols):
-        part = F_ms.hardest(prob.block(c0, cfg.cols))
+        part = _blocks.hardest(prob.block(c0, cfg.cols))
         hard = part if hard is None else hard.merge(part)
+    assert hard is not None, "no references"
     return hard, None
 
 
 class _Sums(NamedTuple):
-    """Per-anchor sums over all blocks, per side (:class:`functional.SidePair` of ``(B,)``)."""
+    """Per-anchor sums over all blocks, per side (:class:`_blocks.SidePair` of ``(B,)``)."""
 
-    acc: F_ms.SidePair  # sum of the side's loss terms
-    counts: F_ms.SidePair  # kept pairs
-    r_sum: F_ms.SidePair  # sum of R (needed for "self" only: its weights are not acc)
+    acc: _blocks.SidePair  # sum of the side's loss terms
+    counts: _blocks.SidePair  # kept pairs
+    r_sum: _blocks.SidePair  # sum of R (needed for "self" only: its weights are not acc)
 
 
 class _Kept(NamedTuple):
@@ -123,10 +124,10 @@ class _Kept(NamedTuple):
 def _accumulate(
     prob: _Problem,
     cfg: _Config,
-    side_pair: F_ms.SidePair,
-    shifts: F_ms.SidePair,
-    hard: F_ms.Hardest,
-    block: Optional[F_ms.Block],
+    side_pair: _blocks.SidePair,
+    shifts: _blocks.SidePair,
+    hard: _blocks.Hardest,
+    block: Optional[_blocks.Block],
 ) -> Tuple[_Sums, Optional[_Kept]]:
     """Step 2: mine each block and add up both sides' terms."""
     B = prob.x.shape[0]
@@ -138,12 +139,13 @@ def _accumulate(
     w = cfg.weighting
     for c0 in prob.starts(cfg.cols):
         blk = block if block is not None else prob.block(c0, cfg.cols)
-        bt = F_ms.block_terms(
+        bt = _blocks.block_terms(
             blk, side_pair, shifts, hard, weighting=w, epsilon=cfg.epsilon, inplace=True, counts=cfg.counts
         )
         acc[0] += bt.terms.pos.acc
         acc[1] += bt.terms.neg.acc
         if cfg.counts:
+            assert bt.counts is not None
             cnt[0] += bt.counts.pos
             cnt[1] += bt.counts.neg
         if not w.log_sum_exp:
@@ -151,17 +153,17 @@ def _accumulate(
             rsum[1] += bt.terms.neg.R.sum(1)
         if block is not None:
             kept = _Kept(bt.block.pa, bt.block.pj, bt.terms.pos.R, bt.terms.neg.R)
-    return _Sums(F_ms.SidePair(*acc), F_ms.SidePair(*cnt), F_ms.SidePair(*rsum)), kept
+    return _Sums(_blocks.SidePair(*acc), _blocks.SidePair(*cnt), _blocks.SidePair(*rsum)), kept
 
 
-def _finish(cfg: _Config, side_pair: F_ms.SidePair, shifts: F_ms.SidePair, sums: _Sums):
-    """Step 3: per-side :class:`functional.SideLoss` and weight sums."""
+def _finish(cfg: _Config, side_pair: _blocks.SidePair, shifts: _blocks.SidePair, sums: _Sums):
+    """Step 3: per-side :class:`_blocks.SideLoss` and weight sums."""
     w = cfg.weighting
-    side_losses = F_ms.SidePair(
-        *(F_ms.side_finish(a, sh, s.coef, w) for a, sh, s in zip(sums.acc, shifts, side_pair))
+    side_losses = _blocks.SidePair(
+        *(_blocks.side_finish(a, sh, s.coef, w) for a, sh, s in zip(sums.acc, shifts, side_pair))
     )
-    wsums = F_ms.SidePair(
-        *(F_ms.weight_sum(a, r, sl.scale, w) for a, r, sl in zip(sums.acc, sums.r_sum, side_losses))
+    wsums = _blocks.SidePair(
+        *(_blocks.weight_sum(a, r, sl.scale, w) for a, r, sl in zip(sums.acc, sums.r_sum, side_losses))
     )
     return side_losses, wsums
 
@@ -193,8 +195,8 @@ class _FusedMS(torch.autograd.Function):
         prob = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
         with torch.autocast(x.device.type, enabled=False):
             hard, block = _hardest_pass(prob, cfg)
-            side_pair = F_ms.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
-            shifts = F_ms.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
+            side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
+            shifts = _blocks.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
             sums, kept = _accumulate(prob, cfg, side_pair, shifts, hard, block)
             side_losses, wsums = _finish(cfg, side_pair, shifts, sums)
         if kept is None:
@@ -240,9 +242,9 @@ class _FusedMS(torch.autograd.Function):
             return (*_differentiable_grads(prob, cfg, lam_pos, lam_neg, g, needs), *(None,) * 5)
         with torch.autocast(x.device.type, enabled=False):
             g = g.to(x.dtype)
-            hard = F_ms.Hardest(min_pos, max_neg)
-            side_pair = F_ms.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
-            shifts = F_ms.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
+            hard = _blocks.Hardest(min_pos, max_neg)
+            side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
+            shifts = _blocks.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
             a_pos, a_neg = g * scale_p, g * scale_n  # w = R * scale, times the upstream grad
             dx = torch.zeros_like(x) if needs[0] else None
             dy = torch.zeros_like(y) if needs[1] else None
@@ -252,7 +254,7 @@ class _FusedMS(torch.autograd.Function):
                 if kept is not None:
                     pa, pj, Rp, Rn = kept
                 else:
-                    bt = F_ms.block_terms(
+                    bt = _blocks.block_terms(
                         prob.block(c0, cfg.cols),
                         side_pair,
                         shifts,
@@ -269,9 +271,9 @@ class _FusedMS(torch.autograd.Function):
                 G = Rn.mul_(a_neg[:, None])  # dL/dS = w_neg - w_pos; positives are 0 in Rn
                 G.index_put_((pa, pj), -Rp * a_pos[pa], accumulate=True)
                 c1 = c0 + G.shape[1]
-                if needs[0]:
+                if dx is not None:
                     dx.addmm_(prob.scale_columns_(G, c0), y[c0:c1])
-                if needs[1]:
+                if dy is not None:
                     dy[c0:c1] = G.T @ x
         d_lp = a_pos * sum_rp if needs[2] else None  # dL/dlam_pos = +sum w_pos
         d_ln = -a_neg * sum_rn if needs[3] else None  # dL/dlam_neg = -sum w_neg
@@ -287,8 +289,8 @@ def _differentiable_grads(prob: _Problem, cfg: _Config, lam_pos, lam_neg, g, nee
     leaves = [t.view_as(t) for t in (prob.x, prob.y, lam_pos, lam_neg)]
     x, y, lp, ln = leaves
     S = prob._replace(x=x, y=y).dense_similarities()
-    pos, neg = F_ms.pair_masks(prob.labels, prob.ref_labels, prob.self_index)
-    losses = F_ms.ms_terms(
+    pos, neg = _blocks.pair_masks(prob.labels, prob.ref_labels, prob.self_index)
+    losses = _blocks.dense_terms(
         S,
         pos,
         neg,
@@ -332,8 +334,8 @@ def ms_terms_fused(
     chunk_size: Optional[int] = None,
     counts: bool = True,
     ref_norm_p: Optional[float] = None,
-) -> F_ms.MSTerms:
-    """:func:`functional.ms_terms` for ``S = x @ y.T`` without storing ``(B, M)`` blocks.
+) -> _blocks.MSTerms:
+    """:func:`_blocks.dense_terms` for ``S = x @ y.T`` without storing ``(B, M)`` blocks.
 
     ``x``: ``(B, D)`` anchors, ``y``: ``(M, D)`` references (already normalised
     if the similarity is cosine); ``self_index``: ``(B,)`` column of each
@@ -344,31 +346,33 @@ def ms_terms_fused(
     similarity block's columns are scaled by ``1 / |y_j|`` (no ``(M, D)``
     normalised copy; ``y`` must not require grad).
     """
-    w = F_ms.get_weighting(weighting)
-    dtype = F_ms.compute_dtype(x.dtype)
+    w = _blocks.get_weighting(weighting)
+    dtype = _blocks.compute_dtype(x.dtype)
     x, y = x.to(dtype), y.to(dtype)
     B = x.shape[0]
     if B == 0 or y.shape[0] == 0:  # no pairs: zero losses that still backpropagate
         zero = x.sum(1) * 0 + y.sum() * 0
         none = torch.zeros(B, dtype=torch.long, device=x.device)
-        return F_ms.MSTerms(zero, none, none, zero.detach(), zero.detach())
+        return _blocks.MSTerms(zero, none, none, zero.detach(), zero.detach())
     cfg = _Config(float(alpha), float(beta), epsilon, w, chunk_columns(B, chunk_size), counts)
     ref_scale = _inverse_norms(y, ref_norm_p)
     out = _FusedMS.apply(
         x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index, cfg, ref_scale
     )
-    return F_ms.MSTerms(*out[:5])
+    return _blocks.MSTerms(*out[:5])
 
 
 @torch.no_grad()
-def centre_sums(x, y, labels, ref_labels, self_index, chunk_size: Optional[int] = None, ref_norm_p=None):
-    """:func:`functional.block_row_sums` of ``x @ y.T``, block by block."""
-    dtype = F_ms.compute_dtype(x.dtype)
+def centre_sums(
+    x, y, labels, ref_labels, self_index, chunk_size: Optional[int] = None, ref_norm_p=None
+) -> _blocks.RowSums:
+    """:func:`_blocks.block_row_sums` of ``x @ y.T``, block by block."""
+    dtype = _blocks.compute_dtype(x.dtype)
     x, y = x.to(dtype), y.to(dtype)
     cols = chunk_columns(x.shape[0], chunk_size)
     prob = _Problem(x, y, labels, ref_labels, self_index, _inverse_norms(y, ref_norm_p))
-    total = None
-    for c0 in prob.starts(cols):
-        part = F_ms.block_row_sums(prob.block(c0, cols))
-        total = part if total is None else tuple(a + b for a, b in zip(total, part))
+    parts = [_blocks.block_row_sums(prob.block(c0, cols)) for c0 in prob.starts(cols)]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
     return total

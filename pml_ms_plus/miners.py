@@ -6,8 +6,7 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.miners import BaseMiner
 
-from . import _checks
-from . import functional as F_ms
+from . import _blocks, _checks
 
 
 class MultiSimilarityMiner(BaseMiner):
@@ -24,6 +23,18 @@ class MultiSimilarityMiner(BaseMiner):
     Args:
         epsilon: the mining margin (>= 0).
         **kwargs: PML's ``distance`` (default ``CosineSimilarity``), ``collect_stats``.
+
+    Raises:
+        ValueError: a negative ``epsilon``; labels that are not integer or bool.
+
+    Example:
+        >>> from pytorch_metric_learning import miners as pml_miners
+        >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+        >>> y = torch.arange(16) % 3
+        >>> ours = MultiSimilarityMiner(0.1)(x, y)
+        >>> pml = pml_miners.MultiSimilarityMiner(0.1)(x, y)
+        >>> sorted(zip(ours.a2.tolist(), ours.n.tolist())) == sorted(zip(pml[2].tolist(), pml[3].tolist()))
+        True
     """
 
     def __init__(self, epsilon: float = 0.1, **kwargs):
@@ -37,7 +48,7 @@ class MultiSimilarityMiner(BaseMiner):
         _checks.label_dtype(ref_labels, "ref_labels")
         if len(embeddings) == 0 or len(ref_emb) == 0:
             empty = torch.zeros(0, dtype=torch.long, device=embeddings.device)
-            return F_ms.MinedPairs(empty, empty.clone(), empty.clone(), empty.clone())
+            return _blocks.MinedPairs(empty, empty.clone(), empty.clone(), empty.clone())
         mat = self.distance(embeddings, ref_emb)
         S = mat if self.distance.is_inverted else -mat
         self_index = None
@@ -46,8 +57,8 @@ class MultiSimilarityMiner(BaseMiner):
         # pair rule; PML's miner would count such a pair as positive and negative at once)
         if embeddings is ref_emb or ref_labels is labels:
             self_index = torch.arange(len(embeddings), device=embeddings.device)
-        block = F_ms.block_from_labels(S, labels, ref_labels.to(labels.device), self_index, inplace=True)
-        return F_ms.mined_pairs(block, self.epsilon)
+        block = _blocks.block_from_labels(S, labels, ref_labels.to(labels.device), self_index, inplace=True)
+        return _blocks.mined_pairs(block, self.epsilon)
 
     def get_default_distance(self):
         return CosineSimilarity()

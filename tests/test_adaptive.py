@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_batch
+from helpers import make_batch, tol
 from pytorch_metric_learning import distances as pml_distances
 from pytorch_metric_learning.reducers import DoNothingReducer
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
@@ -71,8 +71,8 @@ def test_anchor_mode_by_hand(device, epsilon, distance):
     (g_got,) = torch.autograd.grad(got.sum(), xd)
     expected = hand_loop(x, y, epsilon=epsilon, distance=distance)
     (g_expected,) = torch.autograd.grad(expected.sum(), x)
-    torch.testing.assert_close(got.cpu(), expected.detach(), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(g_got.cpu(), g_expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.cpu(), expected.detach(), **tol(torch.float64))
+    torch.testing.assert_close(g_got.cpu(), g_expected, **tol(torch.float64))
 
 
 @pytest.mark.parametrize("epsilon", [None, 0.1])
@@ -93,9 +93,9 @@ def test_learned_mode_by_hand_with_threshold_gradients(device, epsilon):
     t = torch.tensor([0.3, 0.45, 0.6, 0.2, 0.7], dtype=torch.float64, requires_grad=True)
     expected = hand_loop(x, y, thresholds=t, epsilon=epsilon)
     e_x, e_t = torch.autograd.grad(expected.sum(), (x, t))
-    torch.testing.assert_close(got.cpu(), expected.detach(), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(g_x.cpu(), e_x, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(g_t.cpu(), e_t, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.cpu(), expected.detach(), **tol(torch.float64))
+    torch.testing.assert_close(g_x.cpu(), e_x, **tol(torch.float64))
+    torch.testing.assert_close(g_t.cpu(), e_t, **tol(torch.float64))
     assert (g_t[:3] != 0).all() and (g_t[3:] == 0).all()  # only classes in the batch move
 
 
@@ -123,7 +123,7 @@ def test_anchor_without_negatives_uses_base(device):
     y = torch.zeros(6, dtype=torch.long)
     got = per_anchor(losses.AdaptiveMSLoss(reducer=DoNothingReducer())(x.to(device), y.to(device)))
     expected = hand_loop(x, y)  # no negatives: lambda = base, positive term only
-    torch.testing.assert_close(got.detach().cpu(), expected.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.detach().cpu(), expected.detach(), **tol(torch.float64))
 
 
 def test_stats(device):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_batch, skip_if_half_unsupported, tolerances
+from helpers import assert_close, make_batch, skip_if_half_unsupported, tol
 from pytorch_metric_learning import distances as pml_distances
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
@@ -48,11 +48,6 @@ def value_and_grads(loss_fn, inputs, *args):
     value = loss_fn(*args)
     grads = torch.autograd.grad(value, inputs, allow_unused=True)
     return value.detach(), grads
-
-
-def assert_close(a, b, dtype):
-    rtol, atol = tolerances(dtype)
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
@@ -450,7 +445,7 @@ def test_second_order_gradients_are_exact(device, weighting, epsilon, use_ref):
         (g,) = torch.autograd.grad(fn(x, y, None, *args), x, create_graph=True)
         (h,) = torch.autograd.grad((g * v).sum(), x)
         hvp.append(h)
-    torch.testing.assert_close(hvp[0], hvp[1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(hvp[0], hvp[1], **tol(torch.float64))
 
 
 @pytest.mark.parametrize("epsilon", [None, 0.1])
@@ -468,7 +463,7 @@ def test_second_order_gradients_match_pml(device, epsilon):
     else:
         pairs = pml_miners.MultiSimilarityMiner(epsilon)(x.detach(), y)
         theirs = hvp(lambda a: pml_losses.MultiSimilarityLoss()(a, y, pairs))
-    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours, theirs, **tol(torch.float64))
 
 
 EMPTY_CASES = ["no_anchors", "no_references", "no_anchors_with_references"]

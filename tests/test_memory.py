@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_batch
+from helpers import make_batch, tol
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.reducers import DoNothingReducer
@@ -47,14 +47,14 @@ OURS = {
 def test_parity_with_pml_over_steps(device, dtype, with_mask, variant):
     ours = OURS[variant]().to(device=device, dtype=dtype)
     theirs = pml_memory(device, dtype)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-12)
+    tolerance = tol(dtype)
     for x, y, mask in steps(device, dtype, with_mask=with_mask):
         a = ours(x, y, enqueue_mask=mask)
         (ga,) = torch.autograd.grad(a, x)
         b = theirs(x, y, enqueue_mask=mask)
         (gb,) = torch.autograd.grad(b, x)
-        torch.testing.assert_close(a, b, **tol)
-        torch.testing.assert_close(ga, gb, **tol)
+        torch.testing.assert_close(a, b, **tolerance)
+        torch.testing.assert_close(ga, gb, **tolerance)
         torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory)
         assert torch.equal(ours.label_memory, theirs.label_memory)
         assert ours.queue_idx == theirs.queue_idx and ours.has_been_filled == theirs.has_been_filled
@@ -103,10 +103,10 @@ def test_own_copy_is_excluded_before_mining(device):
     mem, mem_y = ours.memory()
     self_index = torch.arange(BATCH)
     expected = lonely_anchor_reference(x.cpu(), y.cpu(), mem.cpu(), mem_y.cpu(), self_index)
-    torch.testing.assert_close(got.cpu(), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.cpu(), expected, **tol(torch.float64))
     assert float(got[0]) == 0.0  # no true positive: no pairs
     assert float(pml[0]) > 0.0  # PML mined negatives against the own copy
-    torch.testing.assert_close(got[1:], pml[1:], rtol=1e-9, atol=1e-12)  # everyone else agrees
+    torch.testing.assert_close(got[1:], pml[1:], **tol(torch.float64))  # everyone else agrees
 
 
 def test_warm_up_and_weights(device):
@@ -251,8 +251,8 @@ def test_explicit_miner_keeps_pmls_order(device, miner, extra):
         (ga,) = torch.autograd.grad(a_val, x)
         b_val = theirs(x, y, tup)
         (gb,) = torch.autograd.grad(b_val, x)
-        torch.testing.assert_close(a_val, b_val, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(a_val, b_val, **tol(torch.float64))
+        torch.testing.assert_close(ga, gb, **tol(torch.float64))
 
 
 @pytest.mark.parametrize(
@@ -303,7 +303,7 @@ def test_small_label_dtypes_in_memory_match_pml(device, label_dtype):
     theirs = pml_memory(device, torch.float32)
     for x, y, _ in steps(device, torch.float32, n_steps=3):
         y = y % 2 if label_dtype == torch.bool else y
-        torch.testing.assert_close(ours(x, y.to(label_dtype)), theirs(x, y), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours(x, y.to(label_dtype)), theirs(x, y), **tol(torch.float32))
 
 
 def test_pml_state_dict_loads_with_a_clear_story(device):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_batch, skip_if_half_unsupported
+from helpers import make_batch, skip_if_half_unsupported
 from pytorch_metric_learning import distances as pml_distances
 from pytorch_metric_learning import miners as pml_miners
 

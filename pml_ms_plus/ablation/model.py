@@ -29,6 +29,9 @@ class SmallCNN(nn.Module):
 class MLPHead(nn.Module):
     """A two-layer MLP over (frozen) feature vectors, standardised with training statistics."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, input_dim: int, embedding_size: int, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
         self.register_buffer("mean", mean)

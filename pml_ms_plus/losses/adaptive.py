@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional
 
 import torch
 
 from .. import _checks
-from .. import functional as F_ms
-from .ms import MultiSimilarityLoss
+from .._blocks import anchor_centres
+from .ms import MultiSimilarityLoss, Similarities
+from .problem import MSProblem, Thresholds
 
 MARGIN_MODES = ("anchor", "learned")
 
@@ -35,6 +36,25 @@ class AdaptiveMSLoss(MultiSimilarityLoss):
     Mining, ``weighting``, distances, reducers and the fused path are those of
     :class:`MSLoss`. Recorded stats add ``threshold_mean`` and ``threshold_std``
     (of the centres used, in the distance's units).
+
+    Args:
+        alpha, beta, base, epsilon, weighting: as for :class:`MSLoss`.
+        margin_mode: ``"anchor"`` or ``"learned"``.
+        margin: the half-width around each anchor's centre (>= 0).
+        num_classes: the number of classes (``"learned"`` only).
+        **kwargs: :class:`MSLoss`'s keyword options and PML's.
+
+    Raises:
+        ValueError: an unknown ``margin_mode``, a negative ``margin``,
+            ``"learned"`` without ``num_classes``; in ``forward``: a label
+            outside ``[0, num_classes)`` in learned mode, and :class:`MSLoss`'s.
+
+    Example:
+        >>> x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+        >>> y = torch.arange(32) % 4
+        >>> loss_fn = AdaptiveMSLoss(margin_mode="learned", num_classes=4, margin=0.0)
+        >>> bool(torch.isclose(loss_fn(x, y), MSLoss()(x, y)))  # learned thresholds start at base
+        True
     """
 
     def __init__(
@@ -62,6 +82,7 @@ class AdaptiveMSLoss(MultiSimilarityLoss):
         self.margin = float(margin)
         self.num_classes = num_classes
         if margin_mode == "learned":
+            assert num_classes is not None  # checked above
             self.thresholds = torch.nn.Parameter(torch.full((num_classes,), float(base)))
         self.add_to_recordable_attributes(list_of_names=["margin"], is_stat=False)
         self.add_to_recordable_attributes(list_of_names=["threshold_mean", "threshold_std"], is_stat=True)
@@ -72,28 +93,27 @@ class AdaptiveMSLoss(MultiSimilarityLoss):
             return
         if labels is None:
             raise ValueError("margin_mode='learned' needs labels")
+        assert self.num_classes is not None  # learned mode has it
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(
                 f"labels must lie in [0, num_classes={self.num_classes}) for margin_mode='learned', "
                 f"got values in [{int(labels.min())}, {int(labels.max())}]"
             )
 
-    def _thresholds(
-        self,
-        labels: Optional[torch.Tensor],
-        n: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        centre_sums: Callable,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def problem_thresholds(self, problem: MSProblem, sims: Similarities) -> Thresholds:
+        """``centre -+ margin`` per anchor: the anchor's mid-point (``"anchor"``, from
+        ``sims.row_sums()``, no gradient) or its class's learned threshold (``"learned"``)."""
         sign = self._sign()
+        n = problem.num_anchors
         if self.margin_mode == "anchor":
-            centre = F_ms.anchor_centres(centre_sums(), default=sign * self.base).to(dtype)
+            centre = anchor_centres(sims.row_sums(), default=sign * self.base).to(sims.dtype)
         else:
-            centre = sign * self.thresholds[labels.to(self.thresholds.device)].to(device=device, dtype=dtype)
+            assert problem.labels is not None  # checked: learned mode needs labels
+            labels = problem.labels.to(self.thresholds.device)
+            centre = sign * self.thresholds[labels].to(device=sims.device, dtype=sims.dtype)
         if self.collect_stats:
             with torch.no_grad():
                 used = sign * centre
                 self.threshold_mean = float(used.mean()) if n else 0.0
                 self.threshold_std = float(used.std(unbiased=False)) if n else 0.0
-        return centre + self.margin, centre - self.margin
+        return Thresholds(centre + self.margin, centre - self.margin)

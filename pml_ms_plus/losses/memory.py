@@ -10,7 +10,9 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from .. import _checks
+from .._blocks import masks_from_pairs
 from .ms import MultiSimilarityLoss
+from .problem import MSProblem
 
 
 def _is_distributed() -> bool:
@@ -62,6 +64,31 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     * a call that raises (bad input, a bad ``indices_tuple``, a failing miner)
       leaves the memory, its position and its call counter as they were.
     * labels are class ids (integer or bool tensors), stored as int64.
+
+    Args:
+        loss: an :class:`MSLoss` or :class:`AdaptiveMSLoss`.
+        embedding_size: the width ``D`` of the embeddings.
+        memory_size: the number of past embeddings kept.
+        miner: an optional PML miner (PML's order: mine, then drop self pairs).
+        start_iteration: warm-up calls with the in-batch loss only.
+        batch_weight: weight of the in-batch loss after warm-up.
+        memory_weight: weight of the memory loss.
+        gather: ``"auto"``, ``True`` or ``False`` (see above).
+
+    Raises:
+        TypeError: a loss outside the MS family.
+        ValueError: bad sizes, weights or ``gather``; in ``forward``: NaN/inf,
+            a width other than ``embedding_size``, a batch larger than the
+            memory, a bad ``indices_tuple`` or ``enqueue_mask``.
+
+    Example:
+        >>> from pml_ms_plus.losses import MSLoss
+        >>> xbm = CrossBatchMemory(MSLoss(epsilon=0.1), embedding_size=8, memory_size=64)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> for _ in range(3):
+        ...     loss = xbm(torch.randn(16, 8, generator=g), torch.arange(16) % 4)
+        >>> xbm.queue_idx, xbm.has_been_filled, bool(loss > 0)
+        (48, False, True)
     """
 
     def __init__(
@@ -208,11 +235,12 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         if len(E_mem) == 0 or len(anchors) == 0:
             return torch.sum(anchors * 0)
         if self.miner is None and indices_tuple is None:
-            return self.loss._forward(
-                anchors, labels, None, E_mem, L_mem, self_index=self_index, trusted_ref=True
-            )
-        pairs = self._indices_tuple(anchors, labels, E_mem, L_mem, indices_tuple, remove_self, self_index)
-        return self.loss(anchors, labels, pairs, E_mem, L_mem)
+            problem = MSProblem(anchors, labels, E_mem, L_mem, self_index, references_checked=True)
+        else:  # PML's order: a tuple first, then pairs (once, here)
+            tup = self._indices_tuple(anchors, labels, E_mem, L_mem, indices_tuple, remove_self, self_index)
+            masks = masks_from_pairs(lmu.convert_to_pairs(tup, labels, L_mem), (len(anchors), len(E_mem)))
+            problem = MSProblem(anchors, labels, E_mem, L_mem, pairs=masks, references_checked=True)
+        return self.loss.forward_problem(problem)
 
     def _indices_tuple(self, anchors, labels, E_mem, L_mem, indices_tuple, remove_self, self_index):
         """The tuple PML's ``CrossBatchMemory`` builds, in PML's order: the miner's tuple

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import NamedTuple, Optional, Union
 
 import torch
 from pytorch_metric_learning import losses as pml_losses
@@ -10,31 +10,36 @@ from pytorch_metric_learning import reducers as pml_reducers
 from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from .. import _checks, _kernel
+from .. import _blocks, _checks, _kernel
 from .. import functional as F_ms
+from .problem import MSProblem, Thresholds
 
 _STATS = ["num_pos_pairs", "num_neg_pairs", "num_nonzero_anchors", "mean_pos_weight", "mean_neg_weight"]
 _FAST_DISTANCES = (CosineSimilarity, DotProductSimilarity)
 
 
 class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
-    """Multi-Similarity loss (Wang et al., CVPR 2019), a drop-in for PML's.
+    r"""Multi-Similarity loss (Wang et al., CVPR 2019), a drop-in for PML's.
 
-    For anchor ``i`` with positive set ``P_i`` and negative set ``N_i`` (pairs
-    from labels without self-comparisons, from ``indices_tuple``, or narrowed by
-    the hard-pair rule when ``epsilon`` is set), with ``m(a, b)`` the distance's
-    margin (``b - a`` for similarities)::
+    For anchor :math:`i` with positive set :math:`P_i` and negative set
+    :math:`N_i` (pairs from labels without self-comparisons, from
+    ``indices_tuple``, or narrowed by the hard-pair rule when ``epsilon`` is
+    set) and :math:`m(a, b)` the distance's margin (:math:`b - a` for
+    similarities, :math:`a - b` for distances):
 
-        L_i = 1/alpha * log(1 + sum_P exp(alpha * m(S_ij, base)))
-            + 1/beta  * log(1 + sum_N exp(beta  * m(base, S_ij)))
+    .. math::
 
-    Each anchor's loss goes to the PML reducer as an element loss, like PML.
-    ``weighting="self"`` / ``"relative"`` select the other General Pair
-    Weighting modes (see :mod:`pml_ms_plus.functional`).
+        L_i = \frac{1}{\alpha}\log\Big(1 + \sum_{j\in P_i} e^{\alpha\, m(S_{ij}, \lambda)}\Big)
+            + \frac{1}{\beta}\log\Big(1 + \sum_{j\in N_i} e^{\beta\, m(\lambda, S_{ij})}\Big)
+
+    with :math:`\lambda` = ``base``. Each anchor's loss goes to the PML reducer
+    as an element loss, like PML. ``weighting="self"`` / ``"relative"`` select
+    the other General Pair Weighting modes (see :mod:`pml_ms_plus.functional`).
 
     Args:
-        alpha, beta: positive and negative scales (> 0).
-        base: the similarity threshold lambda.
+        alpha: the positive scale (> 0).
+        beta: the negative scale (> 0).
+        base: the similarity threshold :math:`\lambda`.
         epsilon: if not ``None``, the MS paper's hard-pair mining runs inside
             the loss whenever no ``indices_tuple`` is given (no index tuples are
             built); an explicit ``indices_tuple`` is used as it is.
@@ -50,6 +55,16 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         **kwargs: PML's ``distance``, ``reducer``, ``embedding_regularizer``,
             ``collect_stats``.
 
+    Raises:
+        ValueError: ``alpha``/``beta`` not > 0, ``epsilon`` < 0, a non-finite
+            ``base``, an unknown ``weighting``, a bad ``chunk_size`` or
+            ``fused``; in ``forward``: NaN/inf embeddings, labels of the wrong
+            length or dtype (integer or bool class ids), mismatched widths.
+
+    Shape:
+        ``embeddings``: ``(B, D)``; ``labels``: ``(B,)``; ``ref_emb``: ``(M, D)``;
+        output: a scalar (per PML's reducer).
+
     The class is named ``MultiSimilarityLoss`` so PML's ``CrossBatchMemory``
     accepts it; it is exported as ``MSLoss`` too. Inner-product distances
     (``CosineSimilarity``, ``DotProductSimilarity``) with labels and no
@@ -59,6 +74,15 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
     Recorded stats (``collect_stats=True``): ``num_pos_pairs``,
     ``num_neg_pairs``, ``num_nonzero_anchors``, ``mean_pos_weight``,
     ``mean_neg_weight``.
+
+    Example:
+        >>> from pytorch_metric_learning import losses as pml_losses, miners as pml_miners
+        >>> x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+        >>> y = torch.arange(32) % 4
+        >>> ours = MSLoss(epsilon=0.1)(x, y)
+        >>> pml = pml_losses.MultiSimilarityLoss()(x, y, pml_miners.MultiSimilarityMiner(0.1)(x, y))
+        >>> torch.allclose(ours, pml)
+        True
     """
 
     def __init__(
@@ -78,7 +102,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         _checks.positive("beta", beta)
         _checks.finite_number("base", base)
         _checks.optional_non_negative("epsilon", epsilon)
-        F_ms.check_weighting(weighting)
+        _blocks.check_weighting(weighting)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if fused not in (None, True, False):
@@ -94,38 +118,90 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
 
     # ----------------------------------------------------------------- forward
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        return self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        """PML's ``forward`` (checks, ``ref_emb``/``ref_labels`` defaulting, reducer), with
+        this package's input checks first: ``ValueError`` naming the problem."""
+        self._check_inputs(embeddings, labels, ref_emb, ref_labels)
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
-    def _forward(
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's hook, called by ``forward``: one :class:`MSProblem`, then its loss dict."""
+        problem = self.make_problem(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return self._loss_dict(problem)
+
+    def make_problem(
         self,
         embeddings: torch.Tensor,
         labels: Optional[torch.Tensor],
         indices_tuple=None,
         ref_emb: Optional[torch.Tensor] = None,
         ref_labels: Optional[torch.Tensor] = None,
-        self_index: Optional[torch.Tensor] = None,
-        masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-        trusted_ref: bool = False,
-    ) -> torch.Tensor:
-        """PML's forward, plus the inputs the memory wrapper needs.
+    ) -> MSProblem:
+        """The :class:`MSProblem` of PML's ``forward`` arguments (the edge of the pipeline).
 
-        ``self_index``: column of each anchor's own copy in ``ref_emb``;
-        ``masks``: explicit ``(pos, neg)`` masks instead of labels/tuples;
-        ``trusted_ref``: ``ref_emb`` was checked already (a memory of checked batches).
+        ``ref_emb=None`` means the batch itself. Self pairs are dropped as PML
+        drops them: when ``ref_labels is labels`` (PML's loss) and, with fused
+        mining (``epsilon``), when ``ref_emb is embeddings`` (PML's miner). An
+        ``indices_tuple`` becomes explicit pair masks here, once.
+
+        Raises:
+            ValueError: labels missing without an ``indices_tuple``; a
+                ``ref_emb`` of another length without ``ref_labels``; a pair
+                listed both as positive and as negative.
         """
-        self.reset_stats()
-        self._check_inputs(embeddings, labels, None if trusted_ref else ref_emb, ref_labels)
-        if labels is not None:
-            labels = labels.to(embeddings.device)
         if ref_emb is None:
             ref_emb, ref_labels = embeddings, labels
-        elif ref_labels is not None:
-            ref_labels = ref_labels.to(ref_emb.device)
-        loss_dict = self.compute_loss(
-            embeddings, labels, indices_tuple, ref_emb, ref_labels, self_index=self_index, masks=masks
-        )
-        self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
-        return self.reducer(loss_dict, embeddings, labels)
+        if indices_tuple is not None:
+            shape = (len(embeddings), len(ref_emb))
+            pairs = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
+            masks = _blocks.masks_from_pairs(pairs, shape, embeddings.device)
+            return MSProblem(embeddings, labels, ref_emb, ref_labels, pairs=masks, references_checked=True)
+        if labels is None:
+            raise ValueError("labels are required when indices_tuple is None")
+        if ref_labels is None:  # PML's rule: the batch's labels, self pairs removed
+            if len(ref_emb) != len(embeddings):
+                raise ValueError(
+                    f"ref_labels is required: ref_emb has {len(ref_emb)} rows, embeddings {len(embeddings)}"
+                )
+            ref_labels = labels
+        same = ref_labels is labels or (self.epsilon is not None and ref_emb is embeddings)
+        self_index = torch.arange(len(embeddings), device=embeddings.device) if same else None
+        return MSProblem(embeddings, labels, ref_emb, ref_labels, self_index, references_checked=True)
+
+    def forward_problem(self, problem: MSProblem) -> torch.Tensor:
+        """The reduced loss of a prepared :class:`MSProblem`, as ``forward`` reduces it.
+
+        For wrappers that build problems themselves (``CrossBatchMemory``: the
+        batch against its memory, with each anchor's own copy): the same
+        per-anchor losses, embedding regularizer and reducer as ``forward``.
+        """
+        self.reset_stats()
+        self._check_problem(problem)
+        loss_dict = self._loss_dict(problem)
+        self.add_embedding_regularization_to_loss_dict(loss_dict, problem.anchors)
+        return self.reducer(loss_dict, problem.anchors, problem.labels)
+
+    def terms(self, problem: MSProblem) -> F_ms.MSTerms:
+        """Per-anchor :class:`~pml_ms_plus.functional.MSTerms` of a problem (fused or dense path)."""
+        if self._use_fused(problem):
+            return self._fused_terms(problem)
+        return self._dense_terms(problem)
+
+    def _loss_dict(self, problem: MSProblem):
+        if problem.num_anchors == 0 or problem.num_references == 0:  # no pairs: PML's zero loss
+            self._record(None)
+            return self.zero_losses()
+        terms = self.terms(problem)
+        self._record(terms)
+        losses = terms.losses.to(problem.anchors.dtype)
+        if not isinstance(self.reducer, pml_reducers.ClassWeightedReducer):
+            losses = losses[:, None]  # PML's shape, (B, 1); see the README for ClassWeightedReducer
+        return {
+            "loss": {
+                "losses": losses,
+                "indices": torch.arange(problem.num_anchors, device=problem.anchors.device),
+                "reduction_type": "element",
+            }
+        }
 
     def _check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         _checks.embeddings_and_labels(embeddings, labels, self.check_finite)
@@ -136,60 +212,20 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
                     f"ref_emb has width {ref_emb.shape[1]} but embeddings has width {embeddings.shape[1]}"
                 )
 
-    def compute_loss(
-        self, embeddings, labels, indices_tuple, ref_emb, ref_labels, self_index=None, masks=None
-    ):
-        if ref_labels is None and labels is not None and indices_tuple is None and masks is None:
-            if len(ref_emb) != len(embeddings):
-                raise ValueError(
-                    f"ref_labels is required: ref_emb has {len(ref_emb)} rows, embeddings {len(embeddings)}"
-                )
-            ref_labels = labels  # PML's rule: the batch's labels, self pairs removed
-        if len(embeddings) == 0 or len(ref_emb) == 0:  # no pairs: PML's zero loss
-            self._record(None)
-            return self.zero_losses()
-        if self_index is None and masks is None and indices_tuple is None:
-            self_index = self._self_index(embeddings, labels, ref_emb, ref_labels)
-        if self._use_fused(labels, ref_labels, indices_tuple, masks):
-            terms = self._fused_terms(embeddings, labels, ref_emb, ref_labels, self_index)
-        else:
-            problem = self._dense_problem(
-                embeddings, labels, indices_tuple, ref_emb, ref_labels, self_index, masks
-            )
-            terms = F_ms.ms_terms(*problem[:3], **problem[3])
-        self._record(terms)
-        losses = terms.losses.to(embeddings.dtype)
-        if not isinstance(self.reducer, pml_reducers.ClassWeightedReducer):
-            losses = losses[:, None]  # PML's shape, (B, 1); see the README for ClassWeightedReducer
-        return {
-            "loss": {
-                "losses": losses,
-                "indices": torch.arange(len(embeddings), device=embeddings.device),
-                "reduction_type": "element",
-            }
-        }
-
-    def _self_index(self, embeddings, labels, ref_emb, ref_labels) -> Optional[torch.Tensor]:
-        """Each anchor's own column when the references are the batch itself, PML's rule.
-
-        PML's loss drops self pairs when ``ref_labels is labels`` (after its
-        ``ref_emb``/``ref_labels`` defaulting); PML's miner, whose pairs the fused
-        mining (``epsilon``) reproduces, ignores them when ``ref_emb is
-        embeddings`` too.
-        """
-        same = ref_labels is labels or (self.epsilon is not None and ref_emb is embeddings)
-        return torch.arange(len(embeddings), device=embeddings.device) if same else None
+    def _check_problem(self, problem: MSProblem) -> None:
+        """The checks of ``forward``, for a problem built elsewhere."""
+        refs = None if problem.references_checked or problem.in_batch else problem.references
+        self._check_inputs(problem.anchors, problem.labels, refs, problem.ref_labels)
 
     # ------------------------------------------------------------ the two paths
-    def _use_fused(self, labels, ref_labels, indices_tuple, masks) -> bool:
+    def _use_fused(self, problem: MSProblem) -> bool:
         d = self.distance
         applies = (
             type(d) in _FAST_DISTANCES
             and d.power == 1
-            and labels is not None
-            and ref_labels is not None
-            and indices_tuple is None
-            and masks is None
+            and problem.labels is not None
+            and problem.ref_labels is not None
+            and problem.pairs is None
         )
         if self.fused and not applies:
             raise ValueError(
@@ -202,12 +238,13 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         """+1 for similarities, -1 for distances (see functional's orientation)."""
         return 1.0 if self.distance.is_inverted else -1.0
 
-    def _fused_terms(self, embeddings, labels, ref_emb, ref_labels, self_index) -> F_ms.MSTerms:
+    def _fused_terms(self, problem: MSProblem) -> F_ms.MSTerms:
         d = self.distance
-        dtype = F_ms.compute_dtype(embeddings.dtype)
+        embeddings, ref_emb = problem.anchors, problem.references
+        dtype = _blocks.compute_dtype(embeddings.dtype)
         x = d.maybe_normalize(embeddings.to(dtype))
         ref_norm_p = None
-        if ref_emb is embeddings:
+        if problem.in_batch:
             y = x
         elif d.normalize_embeddings and not ref_emb.requires_grad:
             y, ref_norm_p = ref_emb.to(dtype), d.p  # e.g. a memory: normalised block by block
@@ -216,23 +253,29 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         if d.collect_stats:
             d.reset_stats()
             d.set_default_stats(embeddings, ref_emb, x, y if ref_norm_p is None else d.maybe_normalize(y))
+        labels, ref_labels = problem.labels, problem.ref_labels
+        assert labels is not None and ref_labels is not None  # the fused path needs labels
+        self_index = problem.self_index
         if self_index is None:
             self_index = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
-
-        def centre_sums():
-            return _kernel.centre_sums(
-                x.detach(), y.detach(), labels, ref_labels, self_index, self.chunk_size, ref_norm_p
-            )
-
-        lam_pos, lam_neg = self._thresholds(labels, len(x), x.dtype, x.device, centre_sums)
+        sims = FusedSimilarities(
+            x.detach(),
+            y.detach(),
+            labels,
+            ref_labels,
+            self_index,
+            self.chunk_size,
+            ref_norm_p,
+        )
+        lam = self.problem_thresholds(problem, sims)
         return _kernel.ms_terms_fused(
             x,
             y,
             labels,
             ref_labels,
             self_index,
-            lam_pos,
-            lam_neg,
+            lam.pos,
+            lam.neg,
             alpha=self.alpha,
             beta=self.beta,
             weighting=self.weighting,
@@ -242,59 +285,43 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             ref_norm_p=ref_norm_p,
         )
 
-    def _dense_problem(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, self_index, masks):
-        """``(S, pos, neg, kwargs)`` for :func:`functional.ms_terms` (similarity orientation)."""
-        mat = self.distance(embeddings, ref_emb)
+    def _dense_block(self, problem: MSProblem) -> DenseSimilarities:
+        """``S`` (similarity orientation) and the pair masks of a problem."""
+        mat = self.distance(problem.anchors, problem.references)
         S = mat if self.distance.is_inverted else -mat
-        epsilon = None
-        if masks is not None:
-            pos, neg = masks
-        elif indices_tuple is not None:
-            pairs = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
-            pos, neg = F_ms.masks_from_pairs(pairs, tuple(S.shape), S.device)
+        if problem.pairs is not None:
+            pos, neg = problem.pairs
         else:
-            if labels is None or ref_labels is None:
-                raise ValueError(
-                    "labels (and ref_labels with ref_emb) are required when indices_tuple is None"
-                )
-            pos, neg = F_ms.pair_masks(labels, ref_labels, self_index)
-            epsilon = self.epsilon
+            assert problem.labels is not None, "make_problem requires labels without explicit pairs"
+            pos, neg = _blocks.pair_masks(problem.labels, problem.ref_labels, problem.self_index)
+        return DenseSimilarities(S, pos, neg)
 
-        def centre_sums():
-            with torch.no_grad():
-                return F_ms.block_row_sums(
-                    F_ms.block_from_masks(S.detach().to(F_ms.compute_dtype(S.dtype)), pos, neg)
-                )
-
-        lam_pos, lam_neg = self._thresholds(
-            labels, S.shape[0], F_ms.compute_dtype(S.dtype), S.device, centre_sums
-        )
-        kwargs = dict(
+    def _dense_terms(self, problem: MSProblem) -> F_ms.MSTerms:
+        sims = self._dense_block(problem)
+        lam = self.problem_thresholds(problem, sims)
+        epsilon = self.epsilon if problem.pairs is None else None  # explicit pairs are used as given
+        return _blocks.dense_terms(
+            sims.S,
+            sims.pos,
+            sims.neg,
             alpha=self.alpha,
             beta=self.beta,
-            lam_pos=lam_pos,
-            lam_neg=lam_neg,
+            lam_pos=lam.pos,
+            lam_neg=lam.neg,
             weighting=self.weighting,
             epsilon=epsilon,
         )
-        return S, pos, neg, kwargs
 
-    def _thresholds(
-        self,
-        labels: Optional[torch.Tensor],
-        n: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        centre_sums: Callable,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-anchor thresholds ``(lam_pos, lam_neg)``, ``(B,)``, similarity orientation.
+    def problem_thresholds(self, problem: MSProblem, sims: Similarities) -> Thresholds:
+        """Per-anchor :class:`Thresholds` ``(B,)`` in similarity orientation: ``base`` here.
 
-        ``centre_sums()`` returns
-        :func:`functional.block_row_sums` over the unmined pairs (used by
-        subclasses with adaptive thresholds).
+        Subclasses with adaptive thresholds override this; ``sims.row_sums()``
+        gives each anchor's sums over its unmined pairs (see ``AdaptiveMSLoss``).
         """
-        lam = torch.full((n,), self._sign() * self.base, dtype=dtype, device=device)
-        return lam, lam
+        lam = torch.full(
+            (problem.num_anchors,), self._sign() * self.base, dtype=sims.dtype, device=sims.device
+        )
+        return Thresholds(lam, lam)
 
     # ----------------------------------------------------------------- extras
     def _record(self, terms: Optional[F_ms.MSTerms]) -> None:
@@ -320,26 +347,92 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         labels: torch.Tensor,
         ref_emb: Optional[torch.Tensor] = None,
         ref_labels: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Dense GPW weights ``(w_pos, w_neg)``, ``(B, M)``, for a batch, as this loss sees it.
+    ) -> F_ms.PairWeights:
+        """Dense GPW weights for a batch, as this loss sees it (same pairs, mining,
+        thresholds and weighting as ``forward``).
 
-        Same pairs, mining, thresholds and weighting as ``forward``;
-        ``w_pos = -dL_i/dS_ij`` on positive pairs, ``w_neg = dL_i/dS_ij`` on
-        negative pairs (``S`` in similarity orientation), 0 elsewhere.
+        Returns:
+            :class:`~pml_ms_plus.functional.PairWeights` ``(pos, neg)``, ``(B, M)``:
+            ``pos = -dL_i/dS_ij`` on positive pairs, ``neg = dL_i/dS_ij`` on negative
+            pairs (``S`` in similarity orientation), 0 elsewhere.
+
+        Example:
+            >>> x = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=1)
+            >>> w = MSLoss().pair_weights(x, torch.tensor([0, 0, 1]))
+            >>> w.pos.shape, bool((w.neg >= 0).all())
+            (torch.Size([3, 3]), True)
         """
         self._check_inputs(embeddings, labels, ref_emb, ref_labels)
         labels = labels.to(embeddings.device)
-        if ref_emb is None:
-            ref_emb, ref_labels = embeddings, labels
-        elif ref_labels is None:
-            raise ValueError("pair_weights: ref_labels is required with ref_emb")
-        else:
+        if ref_emb is not None:
+            if ref_labels is None:
+                raise ValueError("pair_weights: ref_labels is required with ref_emb")
             ref_labels = ref_labels.to(ref_emb.device)
-        self_index = self._self_index(embeddings, labels, ref_emb, ref_labels)
-        S, pos, neg, kwargs = self._dense_problem(
-            embeddings, labels, None, ref_emb, ref_labels, self_index, None
+        problem = self.make_problem(embeddings, labels, None, ref_emb, ref_labels)
+        sims = self._dense_block(problem)
+        lam = self.problem_thresholds(problem, sims)
+        return _blocks.dense_pair_weights(
+            sims.S,
+            sims.pos,
+            sims.neg,
+            alpha=self.alpha,
+            beta=self.beta,
+            lam_pos=lam.pos,
+            lam_neg=lam.neg,
+            weighting=self.weighting,
+            epsilon=self.epsilon,
         )
-        return F_ms.pair_weights(S, pos, neg, **kwargs)
+
+
+class DenseSimilarities(NamedTuple):
+    """The dense block of a problem: ``S`` ``(B, M)`` and its pair masks."""
+
+    S: torch.Tensor
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _blocks.compute_dtype(self.S.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.S.device
+
+    @torch.no_grad()
+    def row_sums(self) -> _blocks.RowSums:
+        """Each anchor's sums and counts of positive and negative similarities (unmined)."""
+        S = self.S.detach().to(self.dtype)
+        return _blocks.block_row_sums(_blocks.block_from_masks(S, self.pos, self.neg))
+
+
+class FusedSimilarities(NamedTuple):
+    """The similarities ``x @ y.T`` of the fused path, never materialised whole."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    labels: torch.Tensor
+    ref_labels: torch.Tensor
+    self_index: torch.Tensor
+    chunk_size: Optional[int]
+    ref_norm_p: Optional[float]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def row_sums(self) -> _blocks.RowSums:
+        """As :meth:`DenseSimilarities.row_sums`, block by block."""
+        return _kernel.centre_sums(
+            self.x, self.y, self.labels, self.ref_labels, self.self_index, self.chunk_size, self.ref_norm_p
+        )
+
+
+Similarities = Union[DenseSimilarities, FusedSimilarities]
 
 
 MSLoss = MultiSimilarityLoss

@@ -1,0 +1,595 @@
+"""The block math behind :mod:`pml_ms_plus.functional` and the fused kernel (private).
+
+Orientation
+-----------
+Every function here works on a *similarity* block ``S`` of shape ``(B, M)``
+(anchors x references) where larger means more similar. For a PML distance that
+is not inverted (``LpDistance``) the adapters pass ``S = -D`` and the threshold
+``-base``; negation is exact in floating point, so every formula below then
+reproduces PML's ``distance.margin`` bit for bit.
+
+The loss of anchor ``i`` is the sum of two *sides*. A side has a pair mask, a
+coefficient ``c`` and a per-anchor threshold ``lam``; its exponents are
+``z_ij = c * (S_ij - lam_i)``:
+
+* positive side: ``c = -alpha``, so ``z = alpha * (lam - S)``;
+* negative side: ``c = +beta``, so ``z = beta * (S - lam)``.
+
+With ``k = |c|`` the side's loss for each ``weighting`` is
+
+* ``"ms"``:        ``1/k * log(1 + sum_j exp(z_ij))`` (the MS loss);
+* ``"relative"``:  ``1/k * log(sum_j exp(z_ij))``, 0 for an empty set;
+* ``"self"``:      ``1/k * sum_j softplus(z_ij)`` (binomial deviance).
+
+The General Pair Weighting weight of a pair is the magnitude of the derivative
+of the anchor loss with respect to the pair's similarity: ``exp(z_ij - lse_i)``
+for ``"ms"``/``"relative"`` and ``sigmoid(z_ij)`` for ``"self"``. Hence
+``dL_i/dS_ij = w_neg_ij - w_pos_ij``.
+
+Representation: a block of similarities is a :class:`Block`: the positive
+pairs as a list (they are few: a handful per anchor) and the negatives as a
+dense value matrix ``Vn`` (``S`` on negative pairs, ``-inf`` elsewhere). An
+excluded pair then has the exponent ``-inf`` (``exp = 0``), so masking and
+mining are fills, done in place where no gradient needs the old values.
+
+Log-sum-exps are shifted by each side's true maximum exponent over its kept
+pairs, which the *hardest* pair gives (the smallest positive and the largest
+negative similarity); the mining comparisons are monotone in the similarity, so
+a side keeps a pair exactly when it keeps its hardest one (:func:`kept_sides`),
+and the shift is exact after mining as well. The exponents are formed as
+``coef * (S - ref)`` with ``ref`` the hardest similarity, so the hardest pair's
+is exactly 0 and every other one ``<= 0``: no overflow for any finite input, and
+an anchor whose pairs are all mined away has the loss 0. Each weighting is one
+entry of :data:`WEIGHTING_TABLE`. Everything is computed in float32 or wider.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+Threshold = Union[float, torch.Tensor]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reductions run in: float32, or float64 for float64 input."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class PairMasks(NamedTuple):
+    """Positive and negative pair masks, ``(B, M)`` bool each."""
+
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+
+class PairWeights(NamedTuple):
+    """GPW pair weights ``(B, M)``: ``w_pos = -dL_i/dS_ij`` on positives, ``w_neg = dL_i/dS_ij``
+    on negatives, 0 elsewhere."""
+
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+
+def pair_masks(
+    labels: torch.Tensor,
+    ref_labels: Optional[torch.Tensor] = None,
+    self_index: Optional[torch.Tensor] = None,
+) -> PairMasks:
+    """Positive and negative pair masks of shape ``(B, M)`` from labels.
+
+    ``pos[i, j] = labels[i] == ref_labels[j] and j != self_index[i]``;
+    ``neg[i, j] = labels[i] != ref_labels[j] and j != self_index[i]``.
+    ``self_index`` (``(B,)`` long) gives the column of each anchor's own copy
+    among the references; entries outside ``[0, M)`` mean "no copy". With ``ref_labels=None`` the references
+    are the anchors themselves and the diagonal is removed.
+    """
+    if ref_labels is None:
+        ref_labels = labels
+        if self_index is None:
+            self_index = torch.arange(len(labels), device=labels.device)
+    eq = labels[:, None] == ref_labels[None, :]
+    pos, neg = eq, ~eq
+    if self_index is not None:
+        rows = torch.arange(len(labels), device=labels.device)
+        valid = (self_index >= 0) & (self_index < eq.shape[1])
+        pos = eq.clone()
+        pos[rows[valid], self_index[valid]] = False
+        neg[rows[valid], self_index[valid]] = False
+    return PairMasks(pos, neg)
+
+
+def masks_from_pairs(
+    indices_tuple: Tuple[torch.Tensor, ...], shape: Tuple[int, int], device: Optional[torch.device] = None
+) -> PairMasks:
+    """Dense masks from a PML pair tuple ``(a1, p, a2, n)`` (duplicates collapse)."""
+    device = indices_tuple[0].device if device is None else device
+    a1, p, a2, n = (t.to(device=device, dtype=torch.long) for t in indices_tuple)
+    pos = torch.zeros(shape, dtype=torch.bool, device=device)
+    neg = torch.zeros(shape, dtype=torch.bool, device=device)
+    pos[a1, p] = True
+    neg[a2, n] = True
+    if (pos & neg).any():
+        raise ValueError("indices_tuple: a pair is listed both as positive and as negative")
+    return PairMasks(pos, neg)
+
+
+_INF = float("inf")
+
+
+class Block(NamedTuple):
+    """A ``(B, M)`` block of similarities, split by side.
+
+    ``pa``/``pj``: anchor row and reference column of each positive pair
+    (``(P,)`` long); ``sp``: their similarities (``+inf`` once mined away);
+    ``Vn``: ``S`` on negative pairs, ``-inf`` elsewhere.
+    """
+
+    pa: torch.Tensor
+    pj: torch.Tensor
+    sp: torch.Tensor
+    Vn: torch.Tensor
+
+    def kept_pos(self) -> torch.Tensor:
+        return self.sp != _INF
+
+    def kept_neg(self) -> torch.Tensor:
+        return self.Vn != -_INF
+
+
+def same_label_pairs(labels: torch.Tensor, ref_labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All ``(i, j)`` with ``labels[i] == ref_labels[j]``, ordered by ``i`` then ``j``.
+
+    Sorts the references' labels once and finds each anchor's run with a binary
+    search: ``O((B + M) log M + P)`` for ``P`` pairs, no ``(B, M)`` comparison.
+    """
+    labels, ref_labels = labels.long(), ref_labels.long()  # one dtype for the search (bool included)
+    order = torch.argsort(ref_labels, stable=True)
+    sorted_labels = ref_labels[order]
+    lo = torch.searchsorted(sorted_labels, labels, side="left")
+    counts = torch.searchsorted(sorted_labels, labels, side="right") - lo
+    rows = torch.repeat_interleave(torch.arange(len(labels), device=labels.device), counts)
+    starts = torch.repeat_interleave(lo - (torch.cumsum(counts, 0) - counts), counts)
+    cols = order[starts + torch.arange(len(rows), device=labels.device)]
+    return rows, cols
+
+
+def block_from_labels(
+    S: torch.Tensor,
+    labels: torch.Tensor,
+    ref_labels: Optional[torch.Tensor] = None,
+    self_index: Optional[torch.Tensor] = None,
+    inplace: bool = False,
+) -> Block:
+    """The :class:`Block` of ``S`` for label-defined pairs (see :func:`pair_masks`).
+
+    ``self_index`` (``(B,)`` long, entries outside ``[0, M)`` meaning "none")
+    names each anchor's own copy among the references: it is excluded from
+    both sides. ``inplace=True`` writes ``Vn`` into ``S``'s storage (no autograd).
+    """
+    if ref_labels is None:
+        ref_labels = labels
+        if self_index is None:
+            self_index = torch.arange(len(labels), device=labels.device)
+    ea, ej = same_label_pairs(labels, ref_labels)
+    pa, pj = ea, ej
+    if self_index is not None:
+        other = ej != self_index[ea]
+        pa, pj = ea[other], ej[other]
+    sp = S[pa, pj]
+    minus_inf = torch.tensor(-_INF, dtype=S.dtype, device=S.device)
+    Vn = S.index_put_((ea, ej), minus_inf) if inplace else S.index_put((ea, ej), minus_inf)
+    if self_index is not None and S.shape[1]:  # a copy whose label differs (explicit self indices)
+        _exclude_own_copies_(Vn, self_index)
+    return Block(pa, pj, sp, Vn)
+
+
+def _exclude_own_copies_(Vn: torch.Tensor, self_index: torch.Tensor) -> None:
+    """``Vn[i, self_index[i]] = -inf`` where ``self_index[i]`` lies in ``[0, M)``
+    (a gather and a scatter of ``B`` values; no data-dependent shapes)."""
+    M = Vn.shape[1]
+    rows = torch.arange(len(self_index), device=Vn.device)
+    cols = self_index.clamp(0, M - 1)
+    valid = (self_index >= 0) & (self_index < M)
+    Vn[rows, cols] = torch.where(valid, torch.full_like(Vn[rows, cols], -_INF), Vn[rows, cols])
+
+
+def block_from_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Block:
+    """The :class:`Block` of ``S`` for explicit ``(B, M)`` bool masks."""
+    pa, pj = pos.nonzero(as_tuple=True)
+    return Block(pa, pj, S[pa, pj], torch.where(neg, S, torch.tensor(-_INF, dtype=S.dtype, device=S.device)))
+
+
+class Hardest(NamedTuple):
+    """Per anchor, ``(B,)``: the smallest positive and the largest negative similarity
+    (``+inf`` / ``-inf`` for an anchor without positives / negatives)."""
+
+    min_pos: torch.Tensor
+    max_neg: torch.Tensor
+
+    def merge(self, other: "Hardest") -> "Hardest":
+        """The hardest pairs over the references of both (blocks of the same anchors)."""
+        return Hardest(torch.minimum(self.min_pos, other.min_pos), torch.maximum(self.max_neg, other.max_neg))
+
+
+def hardest(block: Block) -> Hardest:
+    """The :class:`Hardest` pairs of a block."""
+    B, M = block.Vn.shape
+    init = torch.full((B,), _INF, dtype=block.sp.dtype, device=block.sp.device)
+    min_pos = init.scatter_reduce(0, block.pa, block.sp.detach(), "amin")
+    max_neg = block.Vn.detach().amax(1) if M else torch.full_like(init, -_INF)
+    return Hardest(min_pos, max_neg)
+
+
+class Kept(NamedTuple):
+    """Per anchor, ``(B,)`` bool: whether each side keeps any pair (after mining)."""
+
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+
+def kept_sides(hard: Hardest, epsilon: Optional[float]) -> Kept:
+    """Which anchors keep pairs on each side.
+
+    Without mining, a side is kept when it has a pair. With mining, a side
+    keeps a pair exactly when it keeps its hardest pair (the comparisons of
+    :func:`mine_`, which are monotone in the similarity), so the test on the
+    hardest pair decides for the whole side.
+    """
+    if epsilon is None:
+        return Kept(hard.min_pos != _INF, hard.max_neg != -_INF)
+    return Kept(~((hard.min_pos - epsilon) >= hard.max_neg), ~((hard.max_neg + epsilon) <= hard.min_pos))
+
+
+def mine_(block: Block, epsilon: float, hard: Hardest) -> Block:
+    """The MS paper's hard-pair rule: ``Vn`` in place, ``sp`` anew.
+
+    Keeps a positive when ``S - epsilon < max_neg`` and a negative when
+    ``S + epsilon > min_pos``, with the hardest pairs of the unmined sets
+    (possibly over more references than this block). The comparisons are those
+    of PML's miner, in ``S``'s dtype, so the pair sets agree exactly.
+    """
+    sp = block.sp.masked_fill((block.sp - epsilon) >= hard.max_neg[block.pa], _INF)
+    block.Vn.masked_fill_((block.Vn + epsilon) <= hard.min_pos[:, None], -_INF)
+    return block._replace(sp=sp)
+
+
+class MinedPairs(NamedTuple):
+    """PML's pair tuple ``(a1, p, a2, n)``."""
+
+    a1: torch.Tensor
+    p: torch.Tensor
+    a2: torch.Tensor
+    n: torch.Tensor
+
+
+def mined_pairs(block: Block, epsilon: float) -> MinedPairs:
+    """The pairs the hard-pair rule keeps, as PML's ``(a1, p, a2, n)`` (``Vn`` is overwritten)."""
+    block = mine_(block, epsilon, hardest(block))
+    kept = block.kept_pos()
+    a2, n = block.kept_neg().nonzero(as_tuple=True)
+    return MinedPairs(block.pa[kept], block.pj[kept], a2, n)
+
+
+def _as_row(lam: Threshold, n: int, like: torch.Tensor) -> torch.Tensor:
+    if torch.is_tensor(lam):
+        return lam.to(dtype=like.dtype, device=like.device).expand(n)
+    return torch.full((n,), float(lam), dtype=like.dtype, device=like.device)
+
+
+# ------------------------------------------------------------------ weightings
+class Weighting(NamedTuple):
+    """One General Pair Weighting mode: how a side's exponents ``z`` become its loss.
+
+    ``log_sum_exp``: the side loss is ``1/k * log(sum exp z)`` (else a sum of
+    ``1/k * softplus(z)``); ``add_one``: the ``1 +`` term inside the log.
+    """
+
+    name: str
+    log_sum_exp: bool
+    add_one: bool
+
+
+WEIGHTING_TABLE = {
+    w.name: w
+    for w in (
+        Weighting("ms", log_sum_exp=True, add_one=True),
+        Weighting("relative", log_sum_exp=True, add_one=False),
+        Weighting("self", log_sum_exp=False, add_one=False),
+    )
+}
+WEIGHTINGS = tuple(WEIGHTING_TABLE)
+
+
+def get_weighting(weighting: str) -> Weighting:
+    """The :class:`Weighting` named ``weighting``; ``ValueError`` for an unknown name."""
+    if isinstance(weighting, Weighting):
+        return weighting
+    if weighting not in WEIGHTING_TABLE:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    return WEIGHTING_TABLE[weighting]
+
+
+def check_weighting(weighting: str) -> None:
+    get_weighting(weighting)
+
+
+class Side(NamedTuple):
+    """One side of the loss: ``z = coef * (S - lam)``; ``coef`` is ``-alpha`` or ``beta``."""
+
+    coef: float
+    lam: torch.Tensor  # (B,)
+
+
+class SidePair(NamedTuple):
+    """Any per-side quantity, for the positive and the negative side."""
+
+    pos: Any
+    neg: Any
+
+
+def sides(alpha: float, beta: float, lam_pos: torch.Tensor, lam_neg: torch.Tensor) -> SidePair:
+    return SidePair(Side(-float(alpha), lam_pos), Side(float(beta), lam_neg))
+
+
+class Shift(NamedTuple):
+    """A side's stabilised exponents: ``z - shift = coef * (S - ref)``, all ``(B,)``.
+
+    ``shift`` is the side's true maximum exponent over its kept pairs (``max(0, .)``
+    with the ``1 +`` term; 0 for an empty side or ``"self"``); ``ref`` is the
+    hardest similarity when the shift is taken from it, else the threshold.
+    Computing ``S - ref`` first makes the hardest pair's exponent exactly 0 and
+    every other one ``<= 0``, whatever the size of ``coef * S``.
+    """
+
+    ref: torch.Tensor
+    shift: torch.Tensor
+
+
+def side_shift(side: Side, hard: torch.Tensor, kept: torch.Tensor, weighting: Weighting) -> Shift:
+    """The :class:`Shift` of a side whose hardest similarity is ``hard`` (``(B,)``)."""
+    lam = side.lam
+    if not weighting.log_sum_exp:
+        return Shift(lam, torch.zeros_like(lam.detach()))
+    hard = hard.detach()
+    zmax = side.coef * (hard - lam.detach())
+    use = kept & (zmax > 0) if weighting.add_one else kept
+    # hard + (lam - lam) == hard exactly, and keeps the threshold's gradient
+    ref = torch.where(use, hard + (lam - lam.detach()), lam)
+    return Shift(ref, torch.where(use, zmax, torch.zeros_like(zmax)))
+
+
+class PairTerms(NamedTuple):
+    """A side's per-pair terms: ``R`` (``exp(z - shift)``, or ``sigmoid(z)`` for
+    ``"self"``: then the pair weights) and the per-anchor sum ``acc`` of the
+    side's loss terms (``sum exp(z - shift)``, or ``sum softplus(z)``)."""
+
+    R: torch.Tensor
+    acc: torch.Tensor
+
+
+def side_terms(
+    V: torch.Tensor,
+    side: Side,
+    shift: Shift,
+    weighting: Weighting,
+    rows: Optional[torch.Tensor] = None,
+    inplace: bool = False,
+) -> PairTerms:
+    """A side's :class:`PairTerms` for the values ``V``.
+
+    ``V`` is ``(B, M)`` dense, or ``(P,)`` values of pairs whose anchor rows are
+    ``rows``. Excluded pairs (``V = +-inf``) give ``R = 0``. ``inplace=True``
+    overwrites ``V`` (no autograd).
+    """
+    ref = shift.ref[:, None] if rows is None else shift.ref[rows]
+    z = torch.sub(V, ref, out=V) if inplace else V - ref
+    z = z.mul_(side.coef)
+    if weighting.log_sum_exp:
+        R = terms = z.exp_()
+    else:
+        R, terms = torch.sigmoid(z), F.softplus(z)
+    if rows is None:
+        return PairTerms(R, terms.sum(1))
+    return PairTerms(R, torch.zeros_like(shift.shift).index_add(0, rows, terms))
+
+
+class SideLoss(NamedTuple):
+    """A side's per-anchor loss and the per-anchor scale of its pair weights
+    (``w_ij = R_ij * scale_i``), both ``(B,)``."""
+
+    loss: torch.Tensor
+    scale: torch.Tensor
+
+
+def side_finish(acc: torch.Tensor, shift: Shift, coef: float, weighting: Weighting) -> SideLoss:
+    """A side's :class:`SideLoss` from its ``acc`` (summed over every block)."""
+    k = abs(coef)
+    if not weighting.log_sum_exp:
+        return SideLoss(acc / k, torch.ones_like(acc))
+    s = shift.shift
+    if weighting.add_one:
+        lse = s + torch.log(torch.exp(-s) + acc)  # acc >= 1 whenever s > 0
+    else:
+        nonempty = acc > 0  # the hardest pair alone contributes exp(0) = 1
+        lse = torch.where(nonempty, s + torch.log(torch.where(nonempty, acc, 1.0)), 0.0)
+    return SideLoss(lse / k, torch.exp(s - lse.detach()))
+
+
+def weight_sum(acc: torch.Tensor, r_sum: Optional[torch.Tensor], scale: torch.Tensor, weighting: Weighting):
+    """Per-anchor sum of a side's pair weights ``R * scale``: ``R`` sums to ``acc``
+    for the log-sum-exp weightings; for ``"self"`` (sigmoids) ``r_sum`` is the sum."""
+    summed = acc if weighting.log_sum_exp else r_sum
+    assert summed is not None, "the self weighting needs r_sum"
+    return summed * scale
+
+
+class MSTerms(NamedTuple):
+    """Per-anchor results of the MS loss; all ``(B,)``."""
+
+    losses: torch.Tensor
+    num_pos: torch.Tensor
+    num_neg: torch.Tensor
+    pos_weight_sum: torch.Tensor
+    neg_weight_sum: torch.Tensor
+
+
+class BlockTerms(NamedTuple):
+    """One block after mining, with both sides' :class:`PairTerms` and the shifts used."""
+
+    block: Block
+    terms: SidePair  # of PairTerms
+    shifts: SidePair  # of Shift
+    counts: Optional[SidePair]  # kept pairs per anchor (when asked for)
+
+
+def side_shifts(
+    side_pair: SidePair, hard: Hardest, epsilon: Optional[float], weighting: Weighting
+) -> SidePair:
+    """Both sides' :class:`Shift` from the hardest pairs over all references."""
+    kept = kept_sides(hard, epsilon)
+    return SidePair(
+        side_shift(side_pair.pos, hard.min_pos, kept.pos, weighting),
+        side_shift(side_pair.neg, hard.max_neg, kept.neg, weighting),
+    )
+
+
+def block_terms(
+    block: Block,
+    side_pair: SidePair,
+    shifts: SidePair,
+    hard: Hardest,
+    *,
+    weighting: Weighting,
+    epsilon: Optional[float],
+    inplace: bool = False,
+    counts: bool = False,
+) -> BlockTerms:
+    """Mine (if ``epsilon``) and compute both sides' terms of one block.
+
+    ``hard``/``shifts``: over all references (this block may be one of several);
+    the ``acc`` of each side can be summed over blocks before
+    :func:`side_finish`. ``inplace=True`` overwrites ``Vn`` (then ``block.Vn``
+    holds the negative side's ``R``). ``counts=True`` counts the kept pairs.
+    """
+    if epsilon is not None:
+        block = mine_(block, epsilon, hard)
+    num = pair_counts(block) if counts else None
+    pos = side_terms(block.sp, side_pair.pos, shifts.pos, weighting, rows=block.pa)
+    neg = side_terms(block.Vn, side_pair.neg, shifts.neg, weighting, inplace=inplace)
+    return BlockTerms(block, SidePair(pos, neg), shifts, num)
+
+
+def pair_counts(block: Block) -> SidePair:
+    """Per-anchor numbers of kept positive and negative pairs, ``(B,)`` long each."""
+    B = block.Vn.shape[0]
+    return SidePair(torch.bincount(block.pa[block.kept_pos()], minlength=B), block.kept_neg().sum(1))
+
+
+class _DenseResult(NamedTuple):
+    block: Block
+    terms: SidePair  # of PairTerms (detached R)
+    losses: SidePair  # of SideLoss
+    counts: SidePair
+
+
+def _dense(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon) -> _DenseResult:
+    w = get_weighting(weighting)
+    S = S.to(compute_dtype(S.dtype))
+    B = S.shape[0]
+    block = block_from_masks(S, pos, neg)
+    side_pair = sides(alpha, beta, _as_row(lam_pos, B, S), _as_row(lam_neg, B, S))
+    hard = hardest(block)
+    shifts = side_shifts(side_pair, hard, epsilon, w)
+    bt = block_terms(block, side_pair, shifts, hard, weighting=w, epsilon=epsilon, counts=True)
+    losses = SidePair(*(side_finish(t.acc, sh, s.coef, w) for t, sh, s in zip(bt.terms, shifts, side_pair)))
+    terms = SidePair(*(PairTerms(t.R.detach(), t.acc.detach()) for t in bt.terms))
+    assert bt.counts is not None
+    return _DenseResult(bt.block, terms, losses, bt.counts)
+
+
+def _weight_sums(res: _DenseResult, weighting: Weighting) -> SidePair:
+    r = SidePair(None, None)
+    if not weighting.log_sum_exp:
+        r = SidePair(
+            torch.zeros_like(res.losses.pos.scale).index_add(0, res.block.pa, res.terms.pos.R),
+            res.terms.neg.R.sum(1),
+        )
+    return SidePair(
+        *(weight_sum(t.acc, rs, sl.scale, weighting) for t, rs, sl in zip(res.terms, r, res.losses))
+    )
+
+
+def dense_terms(
+    S: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    lam_pos: Threshold,
+    lam_neg: Threshold,
+    weighting: str,
+    epsilon: Optional[float],
+) -> MSTerms:
+    """:class:`MSTerms` of a dense block with masks (differentiable in ``S`` and thresholds)."""
+    res = _dense(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon)
+    ws = _weight_sums(res, get_weighting(weighting))
+    return MSTerms(res.losses.pos.loss + res.losses.neg.loss, *res.counts, *ws)
+
+
+@torch.no_grad()
+def dense_pair_weights(
+    S: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    lam_pos: Threshold,
+    lam_neg: Threshold,
+    weighting: str,
+    epsilon: Optional[float],
+) -> PairWeights:
+    """Dense :class:`PairWeights` of a block with masks."""
+    res = _dense(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon)
+    tp, tn = res.terms
+    w_pos = torch.zeros_like(tn.R).index_put_(
+        (res.block.pa, res.block.pj), tp.R * res.losses.pos.scale[res.block.pa]
+    )
+    return PairWeights(w_pos, tn.R * res.losses.neg.scale[:, None])
+
+
+class RowSums(NamedTuple):
+    """Each anchor's sum and count of positive and of negative similarities, ``(B,)`` each."""
+
+    sum_pos: torch.Tensor
+    count_pos: torch.Tensor
+    sum_neg: torch.Tensor
+    count_neg: torch.Tensor
+
+    def __add__(self, other):  # sums over blocks of the same anchors
+        return RowSums(*(a + b for a, b in zip(self, other)))
+
+
+def block_row_sums(block: Block) -> RowSums:
+    """The :class:`RowSums` of a block's (unmined) pairs."""
+    B = block.Vn.shape[0]
+    sum_pos = torch.zeros(B, dtype=block.sp.dtype, device=block.sp.device).index_add(0, block.pa, block.sp)
+    count_pos = torch.bincount(block.pa, minlength=B)
+    kept = block.kept_neg()
+    return RowSums(sum_pos, count_pos, block.Vn.masked_fill(~kept, 0).sum(1), kept.sum(1))
+
+
+def anchor_centres(sums: RowSums, default: float) -> torch.Tensor:
+    """Each anchor's centre ``(mean positive + mean negative similarity) / 2``.
+
+    ``sums`` comes from :func:`block_row_sums` (possibly added up over blocks);
+    an anchor without positives or without negatives gets ``default``.
+    """
+    sp, cp, sn, cn = sums
+    ok = (cp > 0) & (cn > 0)
+    centre = (sp / cp.clamp(min=1) + sn / cn.clamp(min=1)) / 2
+    return torch.where(ok, centre, torch.full_like(centre, default))
