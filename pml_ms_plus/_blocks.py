@@ -495,7 +495,7 @@ class _DenseResult(NamedTuple):
     counts: SidePair
 
 
-def _dense(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon) -> _DenseResult:
+def _dense(S, pos, neg, *, alpha, beta, lam_pos, lam_neg, weighting, epsilon) -> _DenseResult:
     w = get_weighting(weighting)
     S = S.to(compute_dtype(S.dtype))
     B = S.shape[0]
@@ -535,7 +535,17 @@ def dense_terms(
     epsilon: Optional[float],
 ) -> MSTerms:
     """:class:`MSTerms` of a dense block with masks (differentiable in ``S`` and thresholds)."""
-    res = _dense(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon)
+    res = _dense(
+        S,
+        pos,
+        neg,
+        alpha=alpha,
+        beta=beta,
+        lam_pos=lam_pos,
+        lam_neg=lam_neg,
+        weighting=weighting,
+        epsilon=epsilon,
+    )
     ws = _weight_sums(res, get_weighting(weighting))
     return MSTerms(res.losses.pos.loss + res.losses.neg.loss, *res.counts, *ws)
 
@@ -554,7 +564,17 @@ def dense_pair_weights(
     epsilon: Optional[float],
 ) -> PairWeights:
     """Dense :class:`PairWeights` of a block with masks."""
-    res = _dense(S, pos, neg, alpha, beta, lam_pos, lam_neg, weighting, epsilon)
+    res = _dense(
+        S,
+        pos,
+        neg,
+        alpha=alpha,
+        beta=beta,
+        lam_pos=lam_pos,
+        lam_neg=lam_neg,
+        weighting=weighting,
+        epsilon=epsilon,
+    )
     tp, tn = res.terms
     w_pos = torch.zeros_like(tn.R).index_put_(
         (res.block.pa, res.block.pj), tp.R * res.losses.pos.scale[res.block.pa]

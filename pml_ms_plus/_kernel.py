@@ -91,14 +91,14 @@ class _Problem(NamedTuple):
 
 
 # ----------------------------------------------------------- forward, by step
-def _hardest_pass(prob: _Problem, cfg: _Config) -> Tuple[_blocks.Hardest, Optional[_blocks.Block]]:
+def _hardest_pass(problem: _Problem, cfg: _Config) -> Tuple[_blocks.Hardest, Optional[_blocks.Block]]:
     """Step 1: the hardest pairs over all references, and the block if it is the only one."""
-    if prob.keeps_one_block(cfg.cols):
-        block = prob.block(0, cfg.cols)
+    if problem.keeps_one_block(cfg.cols):
+        block = problem.block(0, cfg.cols)
         return _blocks.hardest(block), block
     hard = None
-    for c0 in prob.starts(cfg.cols):
-        part = _blocks.hardest(prob.block(c0, cfg.cols))
+    for c0 in problem.starts(cfg.cols):
+        part = _blocks.hardest(problem.block(c0, cfg.cols))
         hard = part if hard is None else hard.merge(part)
     assert hard is not None, "no references"
     return hard, None
@@ -122,7 +122,7 @@ class _Kept(NamedTuple):
 
 
 def _accumulate(
-    prob: _Problem,
+    problem: _Problem,
     cfg: _Config,
     side_pair: _blocks.SidePair,
     shifts: _blocks.SidePair,
@@ -130,30 +130,33 @@ def _accumulate(
     block: Optional[_blocks.Block],
 ) -> Tuple[_Sums, Optional[_Kept]]:
     """Step 2: mine each block and add up both sides' terms."""
-    B = prob.x.shape[0]
-    dev, dt = prob.x.device, prob.x.dtype
-    acc = [torch.zeros(B, dtype=dt, device=dev) for _ in range(2)]
-    cnt = [torch.zeros(B, dtype=torch.long, device=dev) for _ in range(2)]
-    rsum = [torch.zeros(B, dtype=dt, device=dev) for _ in range(2)]
+    B = problem.x.shape[0]
+    dev, dt = problem.x.device, problem.x.dtype
+
+    def zeros(dtype=dt) -> _blocks.SidePair:
+        return _blocks.SidePair(
+            torch.zeros(B, dtype=dtype, device=dev), torch.zeros(B, dtype=dtype, device=dev)
+        )
+
+    sums = _Sums(acc=zeros(), counts=zeros(torch.long), r_sum=zeros())
     kept = None
     w = cfg.weighting
-    for c0 in prob.starts(cfg.cols):
-        blk = block if block is not None else prob.block(c0, cfg.cols)
+    for c0 in problem.starts(cfg.cols):
+        blk = block if block is not None else problem.block(c0, cfg.cols)
         bt = _blocks.block_terms(
             blk, side_pair, shifts, hard, weighting=w, epsilon=cfg.epsilon, inplace=True, counts=cfg.counts
         )
-        acc[0] += bt.terms.pos.acc
-        acc[1] += bt.terms.neg.acc
-        if cfg.counts:
-            assert bt.counts is not None
-            cnt[0] += bt.counts.pos
-            cnt[1] += bt.counts.neg
-        if not w.log_sum_exp:
-            rsum[0].index_add_(0, bt.block.pa, bt.terms.pos.R)
-            rsum[1] += bt.terms.neg.R.sum(1)
+        sums.acc.pos.add_(bt.terms.pos.acc)
+        sums.acc.neg.add_(bt.terms.neg.acc)
+        if bt.counts is not None:
+            sums.counts.pos.add_(bt.counts.pos)
+            sums.counts.neg.add_(bt.counts.neg)
+        if not w.log_sum_exp:  # "self": its weights (sigmoids) are not acc
+            sums.r_sum.pos.index_add_(0, bt.block.pa, bt.terms.pos.R)
+            sums.r_sum.neg.add_(bt.terms.neg.R.sum(1))
         if block is not None:
             kept = _Kept(bt.block.pa, bt.block.pj, bt.terms.pos.R, bt.terms.neg.R)
-    return _Sums(_blocks.SidePair(*acc), _blocks.SidePair(*cnt), _blocks.SidePair(*rsum)), kept
+    return sums, kept
 
 
 def _finish(cfg: _Config, side_pair: _blocks.SidePair, shifts: _blocks.SidePair, sums: _Sums):
@@ -192,12 +195,12 @@ class _FusedMS(torch.autograd.Function):
 
     @staticmethod
     def forward(x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg: _Config, ref_scale):
-        prob = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
+        problem = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
         with torch.autocast(x.device.type, enabled=False):
-            hard, block = _hardest_pass(prob, cfg)
+            hard, block = _hardest_pass(problem, cfg)
             side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
             shifts = _blocks.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
-            sums, kept = _accumulate(prob, cfg, side_pair, shifts, hard, block)
+            sums, kept = _accumulate(problem, cfg, side_pair, shifts, hard, block)
             side_losses, wsums = _finish(cfg, side_pair, shifts, sums)
         if kept is None:
             kept = _Kept(*(x.new_empty(0) for _ in range(_NO_KEPT)))
@@ -234,12 +237,12 @@ class _FusedMS(torch.autograd.Function):
         ref_scale = saved[11] if ctx.has_ref_scale else None
         cfg, kept = ctx.cfg, ctx.kept
         ctx.kept = None  # consumed: a second backward (retain_graph) recomputes the block
-        prob = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
+        problem = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
         needs = ctx.needs_input_grad[:4]
         if needs[1] and ref_scale is not None:
             raise RuntimeError("references normalised inside the kernel cannot receive gradients")
         if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
-            return (*_differentiable_grads(prob, cfg, lam_pos, lam_neg, g, needs), *(None,) * 5)
+            return (*_differentiable_grads(problem, cfg, lam_pos, lam_neg, g, needs), *(None,) * 5)
         with torch.autocast(x.device.type, enabled=False):
             g = g.to(x.dtype)
             hard = _blocks.Hardest(min_pos, max_neg)
@@ -250,12 +253,12 @@ class _FusedMS(torch.autograd.Function):
             dy = torch.zeros_like(y) if needs[1] else None
             sum_rp = torch.zeros_like(g)
             sum_rn = torch.zeros_like(g)
-            for c0 in prob.starts(cfg.cols):
+            for c0 in problem.starts(cfg.cols):
                 if kept is not None:
                     pa, pj, Rp, Rn = kept
                 else:
                     bt = _blocks.block_terms(
-                        prob.block(c0, cfg.cols),
+                        problem.block(c0, cfg.cols),
                         side_pair,
                         shifts,
                         hard,
@@ -272,7 +275,7 @@ class _FusedMS(torch.autograd.Function):
                 G.index_put_((pa, pj), -Rp * a_pos[pa], accumulate=True)
                 c1 = c0 + G.shape[1]
                 if dx is not None:
-                    dx.addmm_(prob.scale_columns_(G, c0), y[c0:c1])
+                    dx.addmm_(problem.scale_columns_(G, c0), y[c0:c1])
                 if dy is not None:
                     dy[c0:c1] = G.T @ x
         d_lp = a_pos * sum_rp if needs[2] else None  # dL/dlam_pos = +sum w_pos
@@ -280,16 +283,16 @@ class _FusedMS(torch.autograd.Function):
         return dx, dy, d_lp, d_ln, None, None, None, None, None
 
 
-def _differentiable_grads(prob: _Problem, cfg: _Config, lam_pos, lam_neg, g, needs):
+def _differentiable_grads(problem: _Problem, cfg: _Config, lam_pos, lam_neg, g, needs):
     """The input gradients from the dense differentiable path, with ``create_graph``.
 
     Each input enters through its own view, so that ``y is x`` or
     ``lam_pos is lam_neg`` still give each argument its own partial derivative.
     """
-    leaves = [t.view_as(t) for t in (prob.x, prob.y, lam_pos, lam_neg)]
+    leaves = [t.view_as(t) for t in (problem.x, problem.y, lam_pos, lam_neg)]
     x, y, lp, ln = leaves
-    S = prob._replace(x=x, y=y).dense_similarities()
-    pos, neg = _blocks.pair_masks(prob.labels, prob.ref_labels, prob.self_index)
+    S = problem._replace(x=x, y=y).dense_similarities()
+    pos, neg = _blocks.pair_masks(problem.labels, problem.ref_labels, problem.self_index)
     losses = _blocks.dense_terms(
         S,
         pos,
@@ -364,14 +367,14 @@ def ms_terms_fused(
 
 @torch.no_grad()
 def centre_sums(
-    x, y, labels, ref_labels, self_index, chunk_size: Optional[int] = None, ref_norm_p=None
+    x, y, labels, ref_labels, self_index, *, chunk_size: Optional[int] = None, ref_norm_p=None
 ) -> _blocks.RowSums:
     """:func:`_blocks.block_row_sums` of ``x @ y.T``, block by block."""
     dtype = _blocks.compute_dtype(x.dtype)
     x, y = x.to(dtype), y.to(dtype)
     cols = chunk_columns(x.shape[0], chunk_size)
-    prob = _Problem(x, y, labels, ref_labels, self_index, _inverse_norms(y, ref_norm_p))
-    parts = [_blocks.block_row_sums(prob.block(c0, cols)) for c0 in prob.starts(cols)]
+    problem = _Problem(x, y, labels, ref_labels, self_index, _inverse_norms(y, ref_norm_p))
+    parts = [_blocks.block_row_sums(problem.block(c0, cols)) for c0 in problem.starts(cols)]
     total = parts[0]
     for part in parts[1:]:
         total = total + part

@@ -273,7 +273,9 @@ def test_every_weighting_is_finite_and_the_paths_agree(weighting, p):
     (a, ga), (b, gb) = out
     assert torch.isfinite(a).all() and all(torch.isfinite(g).all() for g in ga)
     torch.testing.assert_close(a, b, **tol(torch.float64))
+    # gradients through the normalisation of tiny rows (|x| ~ 1e-2) carry 1/|x| times the
+    # rounding of S, which the two paths round differently (block columns scaled vs normalised)
     for u, v in zip(ga, gb):
         torch.testing.assert_close(
-            u, v, rtol=1e-8, atol=1e-10 * max(1.0, float(v.abs().max()) if v.numel() else 1)
+            u, v, rtol=1e-6, atol=1e-9 * max(1.0, float(v.abs().max()) if v.numel() else 1)
         )

@@ -3,5 +3,6 @@
 from .adaptive import AdaptiveMSLoss
 from .memory import CrossBatchMemory
 from .ms import MSLoss, MultiSimilarityLoss
+from .problem import MSProblem, Thresholds
 
-__all__ = ["AdaptiveMSLoss", "CrossBatchMemory", "MSLoss", "MultiSimilarityLoss"]
+__all__ = ["AdaptiveMSLoss", "CrossBatchMemory", "MSLoss", "MSProblem", "MultiSimilarityLoss", "Thresholds"]

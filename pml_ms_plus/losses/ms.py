@@ -428,7 +428,13 @@ class FusedSimilarities(NamedTuple):
     def row_sums(self) -> _blocks.RowSums:
         """As :meth:`DenseSimilarities.row_sums`, block by block."""
         return _kernel.centre_sums(
-            self.x, self.y, self.labels, self.ref_labels, self.self_index, self.chunk_size, self.ref_norm_p
+            self.x,
+            self.y,
+            self.labels,
+            self.ref_labels,
+            self.self_index,
+            chunk_size=self.chunk_size,
+            ref_norm_p=self.ref_norm_p,
         )
 
 
