@@ -3,7 +3,7 @@
     python benchmarks/bench_vs_pml.py [--device cuda] [--out benchmarks/results] [--tiny]
 
 Cases (dimension 512, float32, 4 samples per class in each batch):
-  * in-batch, batch 128 / 512 / 2048: ``MSLoss(epsilon=0.1)`` against PML's
+  * in-batch, batch 32 / 128 / 512 / 2048 / 4096: ``MSLoss(epsilon=0.1)`` against PML's
     ``MultiSimilarityMiner(0.1)`` + ``MultiSimilarityLoss()``;
   * cross-batch memory, batch 256, memory 4,096 / 16,384 / 65,536 (full):
     ours ``CrossBatchMemory(MSLoss(epsilon=0.1), 512, M)`` against PML's
@@ -48,9 +48,11 @@ def cases(tiny: bool):
             ),
         ]
     return [
+        dict(name="in-batch B=32", kind="batch", batch=32, reps=60),
         dict(name="in-batch B=128", kind="batch", batch=128, reps=30),
         dict(name="in-batch B=512", kind="batch", batch=512, reps=15),
         dict(name="in-batch B=2048", kind="batch", batch=2048, reps=5),
+        dict(name="in-batch B=4096", kind="batch", batch=4096, reps=3),
         dict(name="memory B=256 M=4,096", kind="memory", batch=256, memory=4096, reps=15),
         dict(name="memory B=256 M=16,384", kind="memory", batch=256, memory=16384, reps=9),
         dict(name="memory B=256 M=65,536", kind="memory", batch=256, memory=65536, reps=5),

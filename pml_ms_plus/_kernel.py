@@ -1,8 +1,7 @@
 """The fused, chunked MS loss for inner-product similarities.
 
 ``ms_terms_fused(x, y, ...)`` equals ``_blocks.dense_terms(x @ y.T, masks, ...)``
-but never holds more than one ``(B, chunk)`` block of similarities at a time,
-and its backward uses the closed-form pair weights (``dL/dS = w_neg - w_pos``)
+in extra memory bounded by a budget, whatever the number of references, and its backward uses the closed-form pair weights (``dL/dS = w_neg - w_pos``)
 instead of letting autograd store ``(B, M)`` intermediates:
 
 * forward, step 1 (:func:`_hardest_pass`): each anchor's hardest positive and
@@ -14,13 +13,15 @@ instead of letting autograd store ``(B, M)`` intermediates:
 * backward: per block ``G = g * (w_neg - w_pos)``, ``dx += G @ y_blk``,
   ``dy_blk = G.T @ x``.
 
-Memory: with the default budget of ``CHUNK_ELEMENTS = 2**22`` similarities per
-block (``chunk = 2**22 // B`` references), a block is 16 MB in float32 and the
-extra memory peaks at about five blocks plus the bool masks, under 100 MB,
-whatever the number of references. When all references fit in one block the
-block is computed once and its two per-side terms are kept for the backward;
-otherwise every pass recomputes its block (one extra matrix product per pass),
-trading time for bounded memory.
+Memory: a budget in bytes (``memory_budget``, default :data:`DEFAULT_MEMORY_BUDGET`
+= 512 MiB) bounds the extra memory. When the whole ``(B, M)`` block and two
+working copies fit, it is one block, computed once and kept for the backward
+(the backward builds its gradient in the kept storage). Otherwise the
+references are split into blocks of 1/8 of the budget; as many blocks as fit in
+the budget beside two working blocks are kept between forward and backward, the
+others are recomputed by each pass (one extra matrix product per pass): time
+traded for bounded memory only where the budget demands it. ``chunk_size``
+fixes the block width instead.
 
 Higher-order gradients: a backward run with ``create_graph=True`` (grad mode on
 inside the backward) differentiates a dense, differentiable recomputation of the
@@ -30,20 +31,50 @@ same loss instead, so second derivatives are exact (``gradgradcheck`` passes);
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
 from . import _blocks
 
-CHUNK_ELEMENTS = 2**22
+CHUNK_ELEMENTS = 2**22  # block of the passes that keep nothing (centre sums)
+DEFAULT_MEMORY_BUDGET = 2**29  # bytes: 512 MiB
 
 
 def chunk_columns(num_anchors: int, chunk_size: Optional[int]) -> int:
-    """References per block: ``chunk_size`` if given, else ``CHUNK_ELEMENTS // B``."""
+    """References per block of a pass that keeps nothing: ``chunk_size``, else ``2**22 // B``."""
     if chunk_size is not None:
         return max(1, int(chunk_size))
     return max(1, CHUNK_ELEMENTS // max(1, num_anchors))
+
+
+class BlockPlan(NamedTuple):
+    """How the references are split: ``cols`` per block, the first ``keep`` blocks kept."""
+
+    cols: int
+    keep: int
+
+
+def plan_blocks(
+    num_anchors: int, num_refs: int, itemsize: int, chunk_size: Optional[int], memory_budget: int
+) -> BlockPlan:
+    """The :class:`BlockPlan` for a budget of ``memory_budget`` bytes.
+
+    Without ``chunk_size``: one block of all references if it fits three times
+    in the budget (itself and two working copies), else blocks of 1/8 of the
+    budget. Blocks are kept while the kept ones and two working blocks fit.
+    """
+    row = max(1, num_anchors) * itemsize  # bytes of one column of a block
+    if chunk_size is not None:
+        cols = max(1, int(chunk_size))
+    elif 3 * row * num_refs <= memory_budget:
+        cols = max(1, num_refs)
+    else:
+        cols = max(1, memory_budget // (8 * row))
+    cols = min(cols, max(1, num_refs))
+    n_blocks = -(-num_refs // cols)
+    keep = max(0, (memory_budget - 2 * row * cols) // (row * cols))
+    return BlockPlan(cols, min(n_blocks, keep))
 
 
 class _Config(NamedTuple):
@@ -52,6 +83,7 @@ class _Config(NamedTuple):
     epsilon: Optional[float]
     weighting: _blocks.Weighting
     cols: int
+    keep: int  # the first `keep` blocks are kept between forward and backward
     counts: bool
 
 
@@ -67,9 +99,6 @@ class _Problem(NamedTuple):
 
     def starts(self, cols: int):
         return range(0, self.y.shape[0], cols)
-
-    def keeps_one_block(self, cols: int) -> bool:
-        return self.y.shape[0] <= cols
 
     def scale_columns_(self, A: torch.Tensor, c0: int) -> torch.Tensor:
         """``A * ref_scale`` over the block's columns, in place (the normalisation of y)."""
@@ -91,17 +120,18 @@ class _Problem(NamedTuple):
 
 
 # ----------------------------------------------------------- forward, by step
-def _hardest_pass(problem: _Problem, cfg: _Config) -> Tuple[_blocks.Hardest, Optional[_blocks.Block]]:
-    """Step 1: the hardest pairs over all references, and the block if it is the only one."""
-    if problem.keeps_one_block(cfg.cols):
-        block = problem.block(0, cfg.cols)
-        return _blocks.hardest(block), block
+def _hardest_pass(problem: _Problem, cfg: _Config) -> Tuple[_blocks.Hardest, List[_blocks.Block]]:
+    """Step 1: the hardest pairs over all references, and the blocks that are kept."""
     hard = None
-    for c0 in problem.starts(cfg.cols):
-        part = _blocks.hardest(problem.block(c0, cfg.cols))
+    kept: List[_blocks.Block] = []
+    for k, c0 in enumerate(problem.starts(cfg.cols)):
+        block = problem.block(c0, cfg.cols)
+        if k < cfg.keep:
+            kept.append(block)
+        part = _blocks.hardest(block)
         hard = part if hard is None else hard.merge(part)
     assert hard is not None, "no references"
-    return hard, None
+    return hard, kept
 
 
 class _Sums(NamedTuple):
@@ -113,7 +143,7 @@ class _Sums(NamedTuple):
 
 
 class _Kept(NamedTuple):
-    """The single block's terms, kept between forward and backward."""
+    """A kept block's terms, held between forward and backward."""
 
     pa: torch.Tensor
     pj: torch.Tensor
@@ -127,8 +157,8 @@ def _accumulate(
     side_pair: _blocks.SidePair,
     shifts: _blocks.SidePair,
     hard: _blocks.Hardest,
-    block: Optional[_blocks.Block],
-) -> Tuple[_Sums, Optional[_Kept]]:
+    blocks: List[_blocks.Block],
+) -> Tuple[_Sums, List[_Kept]]:
     """Step 2: mine each block and add up both sides' terms."""
     B = problem.x.shape[0]
     dev, dt = problem.x.device, problem.x.dtype
@@ -139,10 +169,10 @@ def _accumulate(
         )
 
     sums = _Sums(acc=zeros(), counts=zeros(torch.long), r_sum=zeros())
-    kept = None
+    kept: List[_Kept] = []
     w = cfg.weighting
-    for c0 in problem.starts(cfg.cols):
-        blk = block if block is not None else problem.block(c0, cfg.cols)
+    for k, c0 in enumerate(problem.starts(cfg.cols)):
+        blk = blocks[k] if k < len(blocks) else problem.block(c0, cfg.cols)
         bt = _blocks.block_terms(
             blk, side_pair, shifts, hard, weighting=w, epsilon=cfg.epsilon, inplace=True, counts=cfg.counts
         )
@@ -154,8 +184,8 @@ def _accumulate(
         if not w.log_sum_exp:  # "self": its weights (sigmoids) are not acc
             sums.r_sum.pos.index_add_(0, bt.block.pa, bt.terms.pos.R)
             sums.r_sum.neg.add_(bt.terms.neg.R.sum(1))
-        if block is not None:
-            kept = _Kept(bt.block.pa, bt.block.pj, bt.terms.pos.R, bt.terms.neg.R)
+        if k < len(blocks):
+            kept.append(_Kept(bt.block.pa, bt.block.pj, bt.terms.pos.R, bt.terms.neg.R))
     return sums, kept
 
 
@@ -171,7 +201,7 @@ def _finish(cfg: _Config, side_pair: _blocks.SidePair, shifts: _blocks.SidePair,
     return side_losses, wsums
 
 
-_NO_KEPT = 4  # the four outputs that carry the kept block (empty when not kept)
+_FIXED_OUTPUTS = 9  # losses, 2 counts, 2 weight sums, 2 hardest, 2 scales; then 4 per kept block
 
 
 class _FusedMS(torch.autograd.Function):
@@ -183,27 +213,25 @@ class _FusedMS(torch.autograd.Function):
 
     Outputs: the per-anchor losses (differentiable) and, non-differentiable: the
     pair counts and weight sums per side, the hardest pairs and weight scales
-    (what the backward needs), and the kept block's ``(pa, pj, Rp, Rn)`` (empty
-    tensors when the references span several blocks).
+    (what the backward needs), and each kept block's ``(pa, pj, Rp, Rn)``
+    (``cfg.keep`` blocks, see :func:`plan_blocks`).
 
     Bookkeeping, owned here: ``setup_context`` saves the inputs, the hardest
-    pairs and the scales with ``save_for_backward``. The kept block is held on
-    ``ctx.kept`` (not saved: the backward builds its gradient block in ``Rn``'s
-    storage, which autograd's version check would refuse) and is consumed by the
-    first backward; a second backward (``retain_graph``) recomputes the block.
+    pairs and the scales with ``save_for_backward``. The kept blocks are held on
+    ``ctx.kept`` (not saved: the backward builds each gradient block in ``Rn``'s
+    storage, which autograd's version check would refuse) and are consumed by
+    the first backward; a second backward (``retain_graph``) recomputes them.
     """
 
     @staticmethod
     def forward(x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg: _Config, ref_scale):
         problem = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
         with torch.autocast(x.device.type, enabled=False):
-            hard, block = _hardest_pass(problem, cfg)
+            hard, blocks = _hardest_pass(problem, cfg)
             side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
             shifts = _blocks.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
-            sums, kept = _accumulate(problem, cfg, side_pair, shifts, hard, block)
+            sums, kept = _accumulate(problem, cfg, side_pair, shifts, hard, blocks)
             side_losses, wsums = _finish(cfg, side_pair, shifts, sums)
-        if kept is None:
-            kept = _Kept(*(x.new_empty(0) for _ in range(_NO_KEPT)))
         return (
             side_losses.pos.loss + side_losses.neg.loss,
             sums.counts.pos,
@@ -214,7 +242,7 @@ class _FusedMS(torch.autograd.Function):
             hard.max_neg,
             side_losses.pos.scale,
             side_losses.neg.scale,
-            *kept,
+            *(t for k in kept for t in k),
         )
 
     @staticmethod
@@ -224,8 +252,8 @@ class _FusedMS(torch.autograd.Function):
         ctx.has_ref_scale = ref_scale is not None
         extra = (ref_scale,) if ref_scale is not None else ()
         ctx.save_for_backward(x, y, lam_pos, lam_neg, labels, ref_labels, self_index, *output[5:9], *extra)
-        keeps = y.shape[0] <= cfg.cols
-        ctx.kept = _Kept(*output[9:]) if keeps else None
+        flat = output[_FIXED_OUTPUTS:]
+        ctx.kept = [_Kept(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
         ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
@@ -236,7 +264,7 @@ class _FusedMS(torch.autograd.Function):
         ]
         ref_scale = saved[11] if ctx.has_ref_scale else None
         cfg, kept = ctx.cfg, ctx.kept
-        ctx.kept = None  # consumed: a second backward (retain_graph) recomputes the block
+        ctx.kept = []  # consumed: a second backward (retain_graph) recomputes the blocks
         problem = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
         needs = ctx.needs_input_grad[:4]
         if needs[1] and ref_scale is not None:
@@ -253,9 +281,9 @@ class _FusedMS(torch.autograd.Function):
             dy = torch.zeros_like(y) if needs[1] else None
             sum_rp = torch.zeros_like(g)
             sum_rn = torch.zeros_like(g)
-            for c0 in problem.starts(cfg.cols):
-                if kept is not None:
-                    pa, pj, Rp, Rn = kept
+            for k, c0 in enumerate(problem.starts(cfg.cols)):
+                if k < len(kept):
+                    pa, pj, Rp, Rn = kept[k]
                 else:
                     bt = _blocks.block_terms(
                         problem.block(c0, cfg.cols),
@@ -335,6 +363,7 @@ def ms_terms_fused(
     weighting: str = "ms",
     epsilon: Optional[float] = None,
     chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
     counts: bool = True,
     ref_norm_p: Optional[float] = None,
 ) -> _blocks.MSTerms:
@@ -345,6 +374,7 @@ def ms_terms_fused(
     anchor's own copy in ``y`` (``-1``: none); ``lam_pos``/``lam_neg``: ``(B,)``
     thresholds (may require grad). The sums run in float32 or wider.
     ``counts=False`` skips counting pairs (``num_pos``/``num_neg`` are then 0).
+    ``chunk_size`` / ``memory_budget``: see :func:`plan_blocks`.
     ``ref_norm_p``: if set, ``y`` is raw and is p-normalised implicitly: the
     similarity block's columns are scaled by ``1 / |y_j|`` (no ``(M, D)``
     normalised copy; ``y`` must not require grad).
@@ -357,7 +387,9 @@ def ms_terms_fused(
         zero = x.sum(1) * 0 + y.sum() * 0
         none = torch.zeros(B, dtype=torch.long, device=x.device)
         return _blocks.MSTerms(zero, none, none, zero.detach(), zero.detach())
-    cfg = _Config(float(alpha), float(beta), epsilon, w, chunk_columns(B, chunk_size), counts)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    plan = plan_blocks(B, y.shape[0], x.element_size(), chunk_size, budget)
+    cfg = _Config(float(alpha), float(beta), epsilon, w, plan.cols, plan.keep, counts)
     ref_scale = _inverse_norms(y, ref_norm_p)
     out = _FusedMS.apply(
         x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index, cfg, ref_scale

@@ -9,7 +9,7 @@ from pml_ms_plus import _blocks, _kernel, losses
 from pml_ms_plus import functional as F_ms
 
 
-def dense_and_fused(device, weighting, epsilon, chunk_size, self_copies, seed=0, n=24, m=37):
+def dense_and_fused(device, weighting, epsilon, chunk_size, self_copies, seed=0, n=24, m=37, budget=None):
     x, y = make_batch(seed, n=n, dim=8, classes=5, device=device, dtype=torch.float64)
     ref, ref_y = make_batch(seed + 1, n=m, dim=8, classes=5, device=device, dtype=torch.float64)
     if self_copies:  # anchors' own copies sit in the references, as in a memory
@@ -33,7 +33,7 @@ def dense_and_fused(device, weighting, epsilon, chunk_size, self_copies, seed=0,
     dense = F_ms.ms_terms(xn @ rn.T, pos, neg, lam_pos=lam_pos, lam_neg=lam_neg, **kw)
     g_dense = torch.autograd.grad((dense.losses * upstream).sum(), inputs, retain_graph=True)
     fused = _kernel.ms_terms_fused(
-        xn, rn, y, ref_y, self_index, lam_pos, lam_neg, chunk_size=chunk_size, **kw
+        xn, rn, y, ref_y, self_index, lam_pos, lam_neg, chunk_size=chunk_size, memory_budget=budget, **kw
     )
     g_fused = torch.autograd.grad((fused.losses * upstream).sum(), inputs)
     return dense, g_dense, fused, g_fused
@@ -60,13 +60,13 @@ def test_fused_equals_dense(device, chunk_size, epsilon, weighting, self_copies)
         lambda: pml_reducers.ClassWeightedReducer(torch.tensor([0.2, 1.0, 3.0, 0.5, 2.0, 1.5])),
     ],
 )
-@pytest.mark.parametrize("chunk_size", [None, 1, 7])
-def test_loss_fast_path_equals_general_path(device, reducer, chunk_size):
+@pytest.mark.parametrize("chunk_size, budget", [(None, None), (1, None), (7, None), (None, 0), (7, 0)])
+def test_loss_fast_path_equals_general_path(device, reducer, chunk_size, budget):
     x, y = make_batch(4, n=40, device=device, dtype=torch.float32)
     ref, ref_y = make_batch(5, n=33, device=device, dtype=torch.float32)
     for ref_args in ((), (ref, ref_y)):
         inputs = (x,) + ref_args[:1]
-        fast = losses.MSLoss(epsilon=0.1, chunk_size=chunk_size, reducer=reducer())
+        fast = losses.MSLoss(epsilon=0.1, chunk_size=chunk_size, memory_budget=budget, reducer=reducer())
         value = fast(x, y, None, *ref_args)
         grads = torch.autograd.grad(value, inputs)
         # the same problem through the dense autograd path
@@ -75,6 +75,52 @@ def test_loss_fast_path_equals_general_path(device, reducer, chunk_size):
         torch.testing.assert_close(value, expected, **tol(torch.float32))
         for a, b in zip(grads, expected_grads):
             torch.testing.assert_close(a, b, **tol(torch.float32))
+
+
+COLUMN = 24 * 8  # bytes of one reference column of the (24, 37) float64 block below
+BUDGETS = {  # (chunk_size, memory_budget): what the plan does with the 37 references
+    "default: one block, kept": (None, None),
+    "nothing kept, one column per block": (None, 0),
+    "a budget of one column": (None, COLUMN),
+    "exactly one block fits": (None, 3 * 37 * COLUMN),
+    "one byte short: blocks, all kept": (None, 3 * 37 * COLUMN - 1),
+    "first block kept, two recomputed": (13, 3 * 13 * COLUMN),
+    "blocks of 5, none kept": (5, 2 * 5 * COLUMN),
+}
+
+
+@pytest.mark.parametrize("case", list(BUDGETS))
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+@pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
+def test_fused_equals_dense_over_budgets(device, case, epsilon, weighting):
+    chunk_size, budget = BUDGETS[case]
+    dense, g_dense, fused, g_fused = dense_and_fused(
+        device, weighting, epsilon, chunk_size, self_copies=True, budget=budget
+    )
+    for a, b in zip(fused, dense):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-8)
+    for a, b in zip(g_fused, g_dense):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("B, M", [(1, 1), (24, 37), (256, 16384), (256, 65536), (256, 262144), (256, 2**20)])
+@pytest.mark.parametrize("budget", [0, 1000, 2**20, 2**29, 2**31])
+def test_block_plans_stay_inside_the_budget(B, M, budget):
+    plan = _kernel.plan_blocks(B, M, 4, None, budget)
+    block = 4 * B * plan.cols
+    n_blocks = -(-M // plan.cols)
+    assert 1 <= plan.cols <= M and 0 <= plan.keep <= n_blocks
+    assert plan.keep == 0 or (plan.keep + 2) * block <= budget  # kept blocks beside two working ones
+    if 3 * 4 * B * M <= budget:
+        assert (plan.cols, plan.keep) == (M, 1)  # the whole block, computed once
+    elif plan.cols > 1:
+        assert 8 * block <= budget  # working blocks of at most 1/8 of the budget
+
+
+def test_default_budget_keeps_the_memory_cases_of_the_benchmark():
+    for M in (16384, 65536, 262144):  # batch 256, float32: every block kept with 512 MiB
+        plan = _kernel.plan_blocks(256, M, 4, None, _kernel.DEFAULT_MEMORY_BUDGET)
+        assert plan.keep == -(-M // plan.cols)
 
 
 def test_chunk_columns():

@@ -272,6 +272,8 @@ def test_no_pairs_gives_zero_that_backpropagates(device, case):
         (dict(weighting="binomial"), "weighting"),
         (dict(base=float("nan")), "base"),
         (dict(chunk_size=0), "chunk_size"),
+        (dict(memory_budget=-1), "memory_budget"),
+        (dict(memory_budget=1.5), "memory_budget"),
     ],
 )
 def test_bad_arguments(kwargs, message):

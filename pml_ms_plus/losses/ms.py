@@ -46,8 +46,12 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         weighting: ``"ms"``, ``"self"`` or ``"relative"``.
         check_finite: raise ``ValueError`` on NaN/inf embeddings (default);
             ``False`` restores PyTorch's NaN-in, NaN-out behaviour.
-        chunk_size: references per block on the fused path (default
-            ``2**22 // batch_size``); bounds the extra memory.
+        chunk_size: references per block on the fused path (default: from
+            ``memory_budget``).
+        memory_budget: bytes of extra memory the fused path may hold (default
+            512 MiB): the whole batch x references block is computed once and
+            kept for the backward when it fits three times; beyond that, blocks
+            of 1/8 of the budget, as many kept as fit, the others recomputed.
         fused: ``None`` (default) takes the fused path where it applies;
             ``False`` forces the dense autograd path; ``True`` requires the
             fused path (``ValueError`` where it does not apply). For debugging
@@ -95,6 +99,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         *,
         check_finite: bool = True,
         chunk_size: Optional[int] = None,
+        memory_budget: Optional[int] = None,
         fused: Optional[bool] = None,
         **kwargs,
     ):
@@ -105,6 +110,10 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         _blocks.check_weighting(weighting)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if memory_budget is not None and (
+            isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0
+        ):
+            raise ValueError(f"memory_budget must be an int >= 0 (bytes) or None, got {memory_budget!r}")
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         super().__init__(alpha=alpha, beta=beta, base=base, **kwargs)
@@ -113,6 +122,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         self.weighting = weighting
         self.check_finite = check_finite
         self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
         self.add_to_recordable_attributes(list_of_names=["epsilon"], is_stat=False)
         self.add_to_recordable_attributes(list_of_names=_STATS, is_stat=True)
 
@@ -281,6 +291,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             weighting=self.weighting,
             epsilon=self.epsilon,
             chunk_size=self.chunk_size,
+            memory_budget=self.memory_budget,
             counts=self.collect_stats,
             ref_norm_p=ref_norm_p,
         )
