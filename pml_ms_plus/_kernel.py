@@ -17,7 +17,8 @@ Memory: a budget in bytes (``memory_budget``, default :data:`DEFAULT_MEMORY_BUDG
 = 512 MiB) bounds the extra memory. When the whole ``(B, M)`` block and two
 working copies fit, it is one block, computed once and kept for the backward
 (the backward builds its gradient in the kept storage). Otherwise the
-references are split into blocks of 1/8 of the budget; as many blocks as fit in
+references are split into blocks of 1/8 of the budget (at most ``2**22``
+similarities); as many blocks as fit in
 the budget beside two working blocks are kept between forward and backward, the
 others are recomputed by each pass (one extra matrix product per pass): time
 traded for bounded memory only where the budget demands it. ``chunk_size``
@@ -62,15 +63,17 @@ def plan_blocks(
 
     Without ``chunk_size``: one block of all references if it fits three times
     in the budget (itself and two working copies), else blocks of 1/8 of the
-    budget. Blocks are kept while the kept ones and two working blocks fit.
+    budget or ``2**22`` similarities, whichever is smaller. Blocks are kept
+    while the kept ones and two working blocks fit.
     """
     row = max(1, num_anchors) * itemsize  # bytes of one column of a block
     if chunk_size is not None:
         cols = max(1, int(chunk_size))
     elif 3 * row * num_refs <= memory_budget:
         cols = max(1, num_refs)
-    else:
-        cols = max(1, memory_budget // (8 * row))
+    else:  # at most 1/8 of the budget and 2**22 similarities (16 MB in float32): blocks that
+        # the allocator recycles; fresh 64 MB blocks would be page-faulted in on every pass
+        cols = max(1, min(memory_budget // (8 * row), CHUNK_ELEMENTS // max(1, num_anchors)))
     cols = min(cols, max(1, num_refs))
     n_blocks = -(-num_refs // cols)
     keep = max(0, (memory_budget - 2 * row * cols) // (row * cols))
@@ -106,9 +109,16 @@ class _Problem(NamedTuple):
             A.mul_(self.ref_scale[c0 : c0 + A.shape[1]])
         return A
 
-    def block(self, c0: int, cols: int) -> _blocks.Block:
-        """The :class:`_blocks.Block` of references ``[c0, c0 + cols)`` (no autograd)."""
-        S = self.scale_columns_(self.x @ self.y[c0 : c0 + cols].T, c0)
+    def block(self, c0: int, cols: int, out: Optional[torch.Tensor] = None) -> _blocks.Block:
+        """The :class:`_blocks.Block` of references ``[c0, c0 + cols)`` (no autograd).
+
+        ``out``: a ``(B, cols)`` buffer to compute it in (a block that is not kept:
+        one buffer serves every such block, so the allocator sees no churn).
+        """
+        y_blk = self.y[c0 : c0 + cols]
+        if out is not None and out.shape[1] != y_blk.shape[0]:
+            out = None  # the last, narrower block
+        S = self.scale_columns_(torch.matmul(self.x, y_blk.T, out=out), c0)
         return _blocks.block_from_labels(
             S, self.labels, self.ref_labels[c0 : c0 + cols], self.self_index - c0, inplace=True
         )
@@ -124,14 +134,23 @@ def _hardest_pass(problem: _Problem, cfg: _Config) -> Tuple[_blocks.Hardest, Lis
     """Step 1: the hardest pairs over all references, and the blocks that are kept."""
     hard = None
     kept: List[_blocks.Block] = []
+    buffer = _working_buffer(problem, cfg)
     for k, c0 in enumerate(problem.starts(cfg.cols)):
-        block = problem.block(c0, cfg.cols)
+        block = problem.block(c0, cfg.cols, out=None if k < cfg.keep else buffer)
         if k < cfg.keep:
             kept.append(block)
         part = _blocks.hardest(block)
         hard = part if hard is None else hard.merge(part)
     assert hard is not None, "no references"
     return hard, kept
+
+
+def _working_buffer(problem: _Problem, cfg: _Config) -> Optional[torch.Tensor]:
+    """One ``(B, cols)`` buffer for the blocks that are recomputed, or ``None`` if all are kept."""
+    n_blocks = len(problem.starts(cfg.cols))
+    if cfg.keep >= n_blocks:
+        return None
+    return problem.x.new_empty((problem.x.shape[0], cfg.cols))
 
 
 class _Sums(NamedTuple):
@@ -171,8 +190,9 @@ def _accumulate(
     sums = _Sums(acc=zeros(), counts=zeros(torch.long), r_sum=zeros())
     kept: List[_Kept] = []
     w = cfg.weighting
+    buffer = _working_buffer(problem, cfg)
     for k, c0 in enumerate(problem.starts(cfg.cols)):
-        blk = blocks[k] if k < len(blocks) else problem.block(c0, cfg.cols)
+        blk = blocks[k] if k < len(blocks) else problem.block(c0, cfg.cols, out=buffer)
         bt = _blocks.block_terms(
             blk, side_pair, shifts, hard, weighting=w, epsilon=cfg.epsilon, inplace=True, counts=cfg.counts
         )
@@ -255,10 +275,13 @@ class _FusedMS(torch.autograd.Function):
         flat = output[_FIXED_OUTPUTS:]
         ctx.kept = [_Kept(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients the size of the kept blocks
 
     @staticmethod
     def backward(ctx, g, *_):
         saved = ctx.saved_tensors
+        if g is None:  # the losses were not used: nothing flows back
+            return (None,) * 9
         x, y, lam_pos, lam_neg, labels, ref_labels, self_index, min_pos, max_neg, scale_p, scale_n = saved[
             :11
         ]
@@ -281,12 +304,14 @@ class _FusedMS(torch.autograd.Function):
             dy = torch.zeros_like(y) if needs[1] else None
             sum_rp = torch.zeros_like(g)
             sum_rn = torch.zeros_like(g)
+            n_blocks = len(problem.starts(cfg.cols))
+            buffer = x.new_empty((x.shape[0], cfg.cols)) if len(kept) < n_blocks else None
             for k, c0 in enumerate(problem.starts(cfg.cols)):
                 if k < len(kept):
                     pa, pj, Rp, Rn = kept[k]
                 else:
                     bt = _blocks.block_terms(
-                        problem.block(c0, cfg.cols),
+                        problem.block(c0, cfg.cols, out=buffer),
                         side_pair,
                         shifts,
                         hard,
