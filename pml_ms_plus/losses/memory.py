@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from pytorch_metric_learning import losses as pml_losses
@@ -24,6 +24,14 @@ def _all_gather(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(parts, t.detach().contiguous())
     return torch.cat(parts)
+
+
+class _HostState(NamedTuple):
+    """The memory's write position, fill flag and call counter, on the host."""
+
+    position: int
+    filled: bool
+    iteration: int
 
 
 class CrossBatchMemory(pml_losses.CrossBatchMemory):
@@ -143,24 +151,39 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         self.register_buffer("queue_position", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.bool))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self._host: Optional[_HostState] = _HostState(0, False, 0)
+
+    def _host_state(self) -> "_HostState":
+        """The write position, fill flag and call counter as Python values: read from the
+        buffers once after a ``load_state_dict``, then kept on the host, so a step needs
+        no device-to-host copy for them (the buffers are written alongside, for checkpoints)."""
+        if self._host is None:
+            self._host = _HostState(int(self.queue_position), bool(self.filled), int(self.iteration))
+        return self._host
+
+    def _set_host_state(self, state: "_HostState") -> None:
+        self._host = state
+        self.queue_position.fill_(state.position)
+        self.filled.fill_(state.filled)
+        self.iteration.fill_(state.iteration)
 
     @property
     def queue_idx(self) -> int:
-        return int(self.queue_position)
+        return self._host_state().position
 
     @queue_idx.setter
     def queue_idx(self, value) -> None:  # PML's reset_queue and records use this name
         if "queue_position" in self._buffers:
-            self.queue_position.fill_(int(value))
+            self._set_host_state(self._host_state()._replace(position=int(value)))
 
     @property
     def has_been_filled(self) -> bool:
-        return bool(self.filled)
+        return self._host_state().filled
 
     @has_been_filled.setter
     def has_been_filled(self, value) -> None:
         if "filled" in self._buffers:
-            self.filled.fill_(bool(value))
+            self._set_host_state(self._host_state()._replace(filled=bool(value)))
 
     def memory(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The filled part of the memory: ``(embeddings, labels)``."""
@@ -214,8 +237,8 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         undo = self._snapshot(len(queue_emb))
         try:  # anything that fails from here on leaves the memory as it was
             self.add_to_memory(queue_emb, queue_labels)
-            iteration = int(self.iteration)
-            self.iteration += 1
+            iteration = self._host_state().iteration
+            self._set_host_state(self._host_state()._replace(iteration=iteration + 1))
             if iteration < self.start_iteration:
                 return self.loss(embeddings, labels)
             loss = self._memory_loss(anchors, anchor_labels, self_index, indices_tuple, enqueue_mask is None)
@@ -272,19 +295,15 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             slots,
             self.embedding_memory[slots].clone(),
             self.label_memory[slots].clone(),
-            self.queue_position.clone(),
-            self.filled.clone(),
-            self.iteration.clone(),
+            self._host_state(),
         )
 
     def _restore(self, undo) -> None:
-        slots, emb, lab, position, filled, iteration = undo
+        slots, emb, lab, host = undo
         with torch.no_grad():
             self.embedding_memory[slots] = emb
             self.label_memory[slots] = lab
-            self.queue_position.copy_(position)
-            self.filled.copy_(filled)
-            self.iteration.copy_(iteration)
+            self._set_host_state(host)
 
     def _check_inputs(self, embeddings, labels, indices_tuple, enqueue_mask) -> None:
         if indices_tuple is not None and enqueue_mask is not None:
@@ -371,7 +390,9 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
 
     @staticmethod
     def _label_state_hook(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        """Stored labels are class ids: refuse a checkpoint with non-integer labels."""
+        """Stored labels are class ids: refuse a checkpoint with non-integer labels. The host copy
+        of the position, fill flag and counter is re-read from the buffers after any load."""
+        module._host = None
         labels = state_dict.get(prefix + "label_memory")
         if labels is not None and labels.is_floating_point() and not bool((labels == labels.round()).all()):
             errors.append(f"{prefix}label_memory holds non-integer labels; pml_ms_plus stores class ids")
