@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -24,14 +25,57 @@ class ConfigError(ValueError):
 
 DEFAULT_SETTINGS: Dict[str, Any] = dict(
     dataset="digits",
+    data_root=None,  # the image data sets' folder (or its parent)
     seeds=3,
-    epochs=15,
+    epochs=None,  # None: the data kind's default (DATA_KIND_DEFAULTS)
     batch_size=80,
-    m=16,
-    lr=1e-3,
-    loss_lr=1e-2,
-    embedding_size=64,
+    m=None,
+    lr=None,  # the network (image data sets: the backbone)
+    head_lr=None,  # the embedding layer; None: lr
+    loss_lr=1e-2,  # the loss's own parameters (learned thresholds), SGD
+    optimizer="adam",
+    weight_decay=0.0,
+    warmup_epochs=0.0,  # linear warm-up from 0, per step
+    schedule="constant",  # constant | cosine | step (lr_steps, lr_gamma)
+    lr_steps=[],
+    lr_gamma=0.1,
+    amp="none",  # none | bf16 | fp16 (fp16 with a GradScaler)
+    eval_every=0,  # evaluate every N epochs; 0: after the last epoch only (always evaluated)
+    select="last",  # last | best (the best evaluation by select_metric: selected on the test set)
+    select_metric="mean_average_precision_at_r",
+    baseline=None,  # the variant the others are tested against; None: the first trained variant
+    embedding_size=None,
+    # image data sets only (None for the toy sets)
+    backbone=None,
+    pretrained=None,
+    image_size=None,
+    freeze_bn=None,
+    workers=None,
 )
+# the defaults that differ between the toy sets and the image benchmarks
+DATA_KIND_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "toy": dict(epochs=15, m=16, lr=1e-3, embedding_size=64),
+    "image": dict(
+        epochs=40,
+        m=5,
+        lr=3e-5,
+        embedding_size=512,
+        backbone="resnet50",
+        pretrained="imagenet",
+        image_size=224,
+        freeze_bn=True,
+        workers=min(8, os.cpu_count() or 1),
+    ),
+}
+IMAGE_ONLY = ("data_root", "backbone", "pretrained", "image_size", "freeze_bn", "workers")
+CHOICES = dict(
+    optimizer=("adam", "adamw", "sgd"),
+    schedule=("constant", "cosine", "step"),
+    amp=("none", "bf16", "fp16"),
+    select=("last", "best"),
+)
+# settings that do not change a run's numbers: left out of the config hash
+NOT_HASHED = ("seeds", "data_root", "workers", "baseline")
 KINDS = ("raw", "untrained", "train")
 
 
@@ -88,8 +132,33 @@ DEFAULT_VARIANTS: List[Variant] = [
     _v("PML Contrastive", "pytorch_metric_learning.losses.ContrastiveLoss"),
 ]
 
-_SETTING_TYPES = dict(
-    dataset=str, seeds=int, epochs=int, batch_size=int, m=int, lr=float, loss_lr=float, embedding_size=int
+_SETTING_TYPES: Dict[str, Any] = dict(
+    dataset=str,
+    data_root=(str, None),
+    seeds=int,
+    epochs=int,
+    batch_size=int,
+    m=int,
+    lr=float,
+    head_lr=(float, None),
+    loss_lr=float,
+    optimizer=str,
+    weight_decay=float,
+    warmup_epochs=float,
+    schedule=str,
+    lr_steps=list,
+    lr_gamma=float,
+    amp=str,
+    eval_every=int,
+    select=str,
+    select_metric=str,
+    baseline=(str, None),
+    embedding_size=int,
+    backbone=str,
+    pretrained=str,
+    image_size=int,
+    freeze_bn=bool,
+    workers=int,
 )
 
 
@@ -181,7 +250,13 @@ def load_config(path: str):
 
 
 def resolve_settings(base: Dict[str, Any], *overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """``base`` updated by each override in turn (None values skipped), type-checked, with the
+    data kind's defaults (toy set or image benchmark) filled in; ConfigError names a bad setting."""
+    from .images import IMAGE_DATASETS
+    from .metrics import METRICS
+
     settings = dict(base)
+    given = set()
     for o in overrides:
         for key, value in o.items():
             if value is None:
@@ -189,19 +264,71 @@ def resolve_settings(base: Dict[str, Any], *overrides: Dict[str, Any]) -> Dict[s
             if key not in _SETTING_TYPES:
                 raise ConfigError(f"unknown study setting {key!r} (known: {sorted(_SETTING_TYPES)})")
             settings[key] = value
+            given.add(key)
+    if not isinstance(settings.get("dataset"), str):
+        raise ConfigError(f"setting 'dataset' must be str, got {settings.get('dataset')!r}")
+    image = settings["dataset"] in IMAGE_DATASETS
+    if not image:
+        extra = sorted(k for k in IMAGE_ONLY if settings.get(k) is not None)
+        if extra:
+            raise ConfigError(
+                f"setting {extra[0]!r} applies to the image data sets ({', '.join(IMAGE_DATASETS)}) only; "
+                f"dataset {settings['dataset']!r} has its own small network"
+            )
+    for key, value in DATA_KIND_DEFAULTS["image" if image else "toy"].items():
+        if settings.get(key) is None:
+            settings[key] = value
     for key, kind in _SETTING_TYPES.items():
-        value = settings[key]
+        value = settings.get(key)
+        optional = isinstance(kind, tuple)
+        kind = kind[0] if optional else kind
+        if value is None and (optional or (not image and key in IMAGE_ONLY)):
+            continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(f"setting {key!r} must be {kind.__name__}, got {value!r}")
         settings[key] = value
     for key in ("seeds", "epochs", "batch_size", "m", "embedding_size"):
         if settings[key] < 1:
             raise ConfigError(f"setting {key!r} must be >= 1, got {settings[key]}")
-    for key in ("lr", "loss_lr"):
-        if not (math.isfinite(settings[key]) and settings[key] > 0):
-            raise ConfigError(f"setting {key!r} must be a finite number > 0, got {settings[key]}")
+    for key in ("lr", "loss_lr", "head_lr", "lr_gamma"):
+        value = settings[key]
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"setting {key!r} must be a finite number > 0, got {value}")
+    for key in ("weight_decay", "warmup_epochs"):
+        if not (math.isfinite(settings[key]) and settings[key] >= 0):
+            raise ConfigError(f"setting {key!r} must be a finite number >= 0, got {settings[key]}")
+    for key, choices in CHOICES.items():
+        if settings[key] not in choices:
+            raise ConfigError(f"setting {key!r} must be one of {', '.join(choices)}, got {settings[key]!r}")
+    if settings["select_metric"] not in METRICS:
+        raise ConfigError(
+            f"setting 'select_metric' must be one of {', '.join(METRICS)}, got {settings['select_metric']!r}"
+        )
+    if settings["eval_every"] < 0:
+        raise ConfigError(
+            f"setting 'eval_every' must be >= 0 (0: after the last epoch only), got {settings['eval_every']}"
+        )
+    steps = settings["lr_steps"]
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in steps) or any(
+        b <= a for a, b in zip(steps, steps[1:])
+    ):
+        # a step after the last epoch is allowed (never reached): a recipe can be shortened with --epochs
+        raise ConfigError(f"setting 'lr_steps' must be increasing epochs >= 1, got {steps!r}")
+    if settings["schedule"] == "step" and not steps:
+        raise ConfigError(
+            "schedule 'step' needs lr_steps (the epochs after which the rate is multiplied by lr_gamma)"
+        )
+    if steps and settings["schedule"] != "step":
+        raise ConfigError(f'lr_steps is set but schedule is {settings["schedule"]!r}; use schedule = "step"')
+    if image:
+        if settings["image_size"] < 16:
+            raise ConfigError(f"setting 'image_size' must be >= 16, got {settings['image_size']}")
+        if settings["workers"] < 0:
+            raise ConfigError(f"setting 'workers' must be >= 0, got {settings['workers']}")
+        if not settings["backbone"] or not settings["pretrained"]:
+            raise ConfigError("settings 'backbone' and 'pretrained' must be non-empty")
     return settings
 
 
@@ -263,13 +390,17 @@ def _construct(cls, kwargs, what):
 
 
 # the settings a floor's numbers depend on: raw inputs need only the data, an untrained
-# network also its embedding size; a trained variant depends on every setting but ``seeds``
-FLOOR_SETTINGS = {"raw": ("dataset",), "untrained": ("dataset", "embedding_size")}
+# network also its embedding size and (image data sets) its backbone and input size; a trained
+# variant depends on every setting but those in NOT_HASHED
+FLOOR_SETTINGS = {
+    "raw": ("dataset",),
+    "untrained": ("dataset", "embedding_size", "backbone", "pretrained", "image_size"),
+}
 
 
 def variant_hash(v: Variant, settings: Dict[str, Any]) -> str:
     """A short hash of everything that determines a variant's numbers except the seed."""
-    keys = FLOOR_SETTINGS.get(v.kind, [k for k in settings if k != "seeds"])
-    relevant = {k: settings[k] for k in sorted(keys)}
+    keys = FLOOR_SETTINGS.get(v.kind, [k for k in settings if k not in NOT_HASHED])
+    relevant = {k: settings.get(k) for k in sorted(keys)}
     blob = json.dumps({"variant": v.as_dict(), "settings": relevant}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]

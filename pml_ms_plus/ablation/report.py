@@ -5,14 +5,26 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import tempfile
 from typing import Dict, List, Optional, Sequence
 
-from .train import METRICS
+from . import stats
+from .metrics import METRICS
 
-CSV_FIELDS = ["variant", "seed", "config_hash", *METRICS, "train_seconds", "losses"]
+CSV_FIELDS = ["variant", "seed", "config_hash", *METRICS, "epoch", "train_seconds", "losses", "evaluations"]
+# results.csv of version 0.2.0 (no Recall@K, epoch, evaluations): read for --resume, missing values empty
+LEGACY_FIELDS = [
+    "variant",
+    "seed",
+    "config_hash",
+    "mean_average_precision_at_r",
+    "r_precision",
+    "precision_at_1",
+    "NMI",
+    "train_seconds",
+    "losses",
+]
 OUTPUT_FILES = (
     "results.csv",
     "results.json",
@@ -74,38 +86,59 @@ def rows_to_csv(rows: List[Dict]) -> str:
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({**r, "losses": json.dumps(r["losses"])})
+        row = {k: ("" if r.get(k) is None else r[k]) for k in CSV_FIELDS}
+        row.update(losses=json.dumps(r["losses"]), evaluations=json.dumps(r.get("evaluations", [])))
+        writer.writerow(row)
     return buf.getvalue()
 
 
-def _number(value: str, field: str) -> float:
+def _number(value: str, field: str) -> Optional[float]:
+    if value == "":  # a value this run did not record (e.g. Recall@K in a 0.2.0 results.csv)
+        return None
     try:
         return float(value)
     except ValueError:
         raise ValueError(f"{field} is not a number: {value!r}") from None
 
 
-def _parse_row(r: Dict) -> Dict:
+def _json_list(value: str, field: str, item) -> list:
+    try:
+        out = json.loads(value)
+    except ValueError:
+        out = None
+    if not isinstance(out, list) or not all(item(v) for v in out):
+        raise ValueError(f"{field} is not a JSON list of {item.__doc__}: {value!r}")
+    return out
+
+
+def _is_number(v) -> bool:
+    """numbers"""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_evaluation(v) -> bool:
+    """evaluations ({"epoch": e, metric: value})"""
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and (x is None or _is_number(x)) for k, x in v.items()
+    )
+
+
+def _parse_row(r: Dict, fields: List[str]) -> Dict:
     if None in r or None in r.values():  # more fields than columns, or fewer
-        n = len(CSV_FIELDS) + len(r.get(None, ())) - sum(v is None for v in r.values())
-        raise ValueError(f"{n} fields, expected {len(CSV_FIELDS)}")
+        n = len(fields) + len(r.get(None, ())) - sum(v is None for v in r.values())
+        raise ValueError(f"{n} fields, expected {len(fields)}")
     if not r["variant"]:
         raise ValueError("empty variant name")
     seed = r["seed"]
     if not (seed.isascii() and seed.isdigit()):
         raise ValueError(f"seed is not an integer >= 0: {seed!r}")
-    row = {"variant": r["variant"], "seed": int(seed), "config_hash": r["config_hash"]}
-    row.update({m: _number(r[m], m) for m in METRICS})
+    row: Dict = {"variant": r["variant"], "seed": int(seed), "config_hash": r["config_hash"]}
+    row.update({m: _number(r.get(m, ""), m) for m in METRICS})
+    epoch = _number(r.get("epoch", ""), "epoch")
+    row["epoch"] = None if epoch is None else int(epoch)
     row["train_seconds"] = _number(r["train_seconds"], "train_seconds")
-    try:
-        losses = json.loads(r["losses"])
-    except ValueError:
-        losses = None
-    if not isinstance(losses, list) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in losses
-    ):
-        raise ValueError(f"losses is not a JSON list of numbers: {r['losses']!r}")
-    row["losses"] = losses
+    row["losses"] = _json_list(r["losses"], "losses", _is_number)
+    row["evaluations"] = _json_list(r.get("evaluations", "[]"), "evaluations", _is_evaluation)
     return row
 
 
@@ -115,13 +148,14 @@ def read_csv(path: str) -> List[Dict]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            if reader.fieldnames != CSV_FIELDS:
-                raise ResultsError(f"{path} is not a results file of this tool (columns {reader.fieldnames})")
+            fields = reader.fieldnames
+            if fields not in (CSV_FIELDS, LEGACY_FIELDS):
+                raise ResultsError(f"{path} is not a results file of this tool (columns {fields})")
             rows = []
             for r in reader:
                 line = reader.line_num
                 try:
-                    rows.append(_parse_row(r))
+                    rows.append(_parse_row(r, fields))
                 except ValueError as exc:
                     raise ResultsError(f"{path}, line {line}: {exc}") from None
     except csv.Error as exc:
@@ -131,52 +165,146 @@ def read_csv(path: str) -> List[Dict]:
     return rows
 
 
-def _mean_std(values):
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
-
-
-def summarise(rows: List[Dict], order: List[str]) -> List[Dict]:
-    """Mean and std over seeds, per variant, in ``order``."""
+def summarise(rows: List[Dict], order: List[str], baseline: Optional[str] = None) -> List[Dict]:
+    """Per variant, in ``order``: mean and std over seeds, the 95% CI, and a paired test against
+    ``baseline`` (None values, i.e. metrics a run did not record, are left out)."""
+    per_seed = {
+        name: {
+            m: {r["seed"]: r[m] for r in rows if r["variant"] == name and r.get(m) is not None}
+            for m in METRICS
+        }
+        for name in order
+    }
     out = []
     for name in order:
         mine = [r for r in rows if r["variant"] == name]
         if not mine:
             continue
-        entry = {"variant": name, "seeds": len(mine)}
+        entry: Dict = {"variant": name, "seeds": len(mine)}
         for m in METRICS:
-            entry[m] = _mean_std([r[m] for r in mine])
-        entry["train_seconds"] = _mean_std([r["train_seconds"] for r in mine])[0]
+            values = list(per_seed[name][m].values())
+            entry[m] = stats.mean_std(values) if values else None
+            entry[f"{m}_ci95"] = stats.ci95(values) if values else None
+            test = None
+            if baseline is not None and name != baseline and baseline in per_seed:
+                test = stats.paired_test(per_seed[name][m], per_seed[baseline][m])
+            entry[f"{m}_vs_baseline"] = (
+                None if test is None else {"n": test.n, "diff": test.diff, "p": test.p}
+            )
+        entry["train_seconds"] = stats.mean_std([r["train_seconds"] for r in mine])[0]
+        epochs = sorted({r["epoch"] for r in mine if r.get("epoch") is not None})
+        entry["epochs"] = epochs
         out.append(entry)
     return out
 
 
+HEADLINE = ("mean_average_precision_at_r", "recall_at_1")
+
+
+def _fmt(x: Optional[float], digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def summary_markdown(summary: List[Dict], meta: Dict) -> str:
-    best = {m: max(e[m][0] for e in summary) for m in METRICS}
+    best = {m: max((e[m][0] for e in summary if e[m] is not None), default=None) for m in METRICS}
+    baseline = meta.get("baseline")
     head = "| variant | seeds | " + " | ".join(METRICS.values()) + " | s / run |"
-    lines = [
-        f"# Ablation: {meta['dataset']}",
-        "",
+    setup = (
         f"{meta['description']}. {meta['epochs']} epochs, batch {meta['batch_size']} "
-        f"(m={meta['m']} per class), embedding {meta['embedding_size']}, device {meta['device']}. "
-        "Mean ± std over seeds; best mean per column in bold.",
-        "",
-        _other_runs_line(meta.get("other_runs", 0)),
-        "",
-        head,
-        "|---|---:|" + "---:|" * len(METRICS) + "---:|",
-    ]
+        f"(m={meta['m']} per class), embedding {meta['embedding_size']}"
+    )
+    if meta.get("backbone"):
+        setup += f", backbone {meta['backbone']} (pretrained: {meta['pretrained']}), image size {meta['image_size']}"
+    setup += f", amp {meta.get('amp', 'none')}, device {meta['device']}."
+    counts = ""
+    if "num_train_images" in meta:
+        counts = (
+            f"Data: {meta['num_train_images']} training images of {meta['num_train_classes']} classes; "
+            f"{meta['num_test_images']} test images of {meta['num_test_classes']} classes"
+        )
+        if "num_query" in meta:
+            counts += f" ({meta['num_query']} queries retrieved in a gallery of {meta['num_gallery']})"
+        counts += "."
+    if meta.get("select") == "best":
+        label = METRICS.get(meta.get("select_metric", ""), meta.get("select_metric"))
+        selection = (
+            f'**Selection: the best evaluation of each run by {label} (`select = "best"`). It is chosen on '
+            "the test classes themselves, so these numbers are optimistic; report the last evaluation "
+            "(the default) for an unbiased figure.**"
+        )
+    else:
+        selection = "Metrics of each run's last evaluation (after its final epoch)."
+    if baseline:
+        legend = (
+            f"Mean ± std over seeds; best mean per column in bold; † marks a variant that differs from the "
+            f"baseline **{baseline}** at p < {stats.ALPHA} ({stats.TEST_NAME}, seeds paired, no correction "
+            "for multiple comparisons)."
+        )
+    else:
+        legend = "Mean ± std over seeds; best mean per column in bold."
+    lines = [f"# Ablation: {meta['dataset']}", "", setup]
+    if counts:
+        lines.append(counts)
+    lines += [selection, legend, "", _other_runs_line(meta.get("other_runs", 0)), "", head]
+    lines.append("|---|---:|" + "---:|" * len(METRICS) + "---:|")
     for e in summary:
         cells = []
         for m in METRICS:
+            if e[m] is None:
+                cells.append("–")
+                continue
             mean, std = e[m]
             text = f"{mean:.3f} ± {std:.3f}"
+            test = e.get(f"{m}_vs_baseline")
+            if test is not None and test["p"] < stats.ALPHA:
+                text += " †"
             cells.append(f"**{text}**" if mean == best[m] else text)
         lines.append(
             f"| {e['variant']} | {e['seeds']} | " + " | ".join(cells) + f" | {e['train_seconds']:.1f} |"
         )
+    lines += [
+        "",
+        "## 95% confidence intervals" + (f" and paired tests against {baseline}" if baseline else ""),
+        "",
+    ]
+    lines.append(
+        "95% CI of the mean over seeds: mean ± t(0.975, n−1)·std/√n (– with one seed)."
+        + (
+            f" Δ: mean over the shared seeds of (variant − {baseline}); p: {stats.TEST_NAME}"
+            " (– with fewer than 2 shared seeds)."
+            if baseline
+            else ""
+        )
+    )
+    lines.append("")
+    cols = []
+    for m in HEADLINE:
+        cols.append(f"{METRICS[m]} 95% CI")
+        if baseline:
+            cols += [f"Δ {METRICS[m]}", "p"]
+    lines.append("| variant | " + " | ".join(cols) + " |")
+    lines.append("|---|" + "---:|" * len(cols))
+    for e in summary:
+        cells = []
+        for m in HEADLINE:
+            ci = e[f"{m}_ci95"]
+            cells.append("–" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]")
+            if baseline:
+                test = e[f"{m}_vs_baseline"]
+                if e["variant"] == baseline:
+                    cells += ["baseline", ""]
+                elif test is None:
+                    cells += ["–", "–"]
+                else:
+                    cells += [
+                        f"{test['diff']:+.3f}",
+                        _p(test["p"]) + (" †" if test["p"] < stats.ALPHA else ""),
+                    ]
+        lines.append(f"| {e['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -199,12 +327,14 @@ def plot_metrics(summary: List[Dict], path: str, mode: Optional[int] = None) -> 
     width = 0.8 / len(METRICS)
     for k, (m, label) in enumerate(METRICS.items()):
         xs = [i + (k - (len(METRICS) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(xs, [e[m][0] for e in summary], width, yerr=[e[m][1] for e in summary], capsize=2, label=label)
+        means = [e[m][0] if e[m] is not None else 0.0 for e in summary]
+        errs = [e[m][1] if e[m] is not None else 0.0 for e in summary]
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=label)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("held-out classes (mean ± std over seeds)")
-    ax.legend(ncol=len(METRICS), fontsize=8)
+    ax.legend(ncol=4, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     _save(fig, path, mode)
@@ -260,7 +390,7 @@ def write_all(
     mode = file_mode()
     meta = {**meta, "other_runs": len(kept)}
     write_atomic(os.path.join(out_dir, "results.csv"), rows_to_csv([*rows, *kept]), mode)
-    summary = summarise(rows, order)
+    summary = summarise(rows, order, meta.get("baseline"))
     write_atomic(
         os.path.join(out_dir, "results.json"),
         json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2),
