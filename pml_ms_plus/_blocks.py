@@ -418,7 +418,9 @@ def side_finish(acc: torch.Tensor, shift: Shift, coef: float, weighting: Weighti
     return SideLoss(lse / k, torch.exp(s - lse.detach()))
 
 
-def weight_sum(acc: torch.Tensor, r_sum: Optional[torch.Tensor], scale: torch.Tensor, weighting: Weighting):
+def weight_sum(
+    acc: torch.Tensor, r_sum: Optional[torch.Tensor], scale: torch.Tensor, weighting: Weighting
+) -> torch.Tensor:
     """Per-anchor sum of a side's pair weights ``R * scale``: ``R`` sums to ``acc``
     for the log-sum-exp weightings; for ``"self"`` (sigmoids) ``r_sum`` is the sum."""
     summed = acc if weighting.log_sum_exp else r_sum
@@ -495,7 +497,18 @@ class _DenseResult(NamedTuple):
     counts: SidePair
 
 
-def _dense(S, pos, neg, *, alpha, beta, lam_pos, lam_neg, weighting, epsilon) -> _DenseResult:
+def _dense(
+    S: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    lam_pos: Threshold,
+    lam_neg: Threshold,
+    weighting: str,
+    epsilon: Optional[float],
+) -> _DenseResult:
     w = get_weighting(weighting)
     S = S.to(compute_dtype(S.dtype))
     B = S.shape[0]
@@ -590,7 +603,7 @@ class RowSums(NamedTuple):
     sum_neg: torch.Tensor
     count_neg: torch.Tensor
 
-    def __add__(self, other):  # sums over blocks of the same anchors
+    def __add__(self, other: "RowSums") -> "RowSums":  # type: ignore[override]  # blockwise sums
         return RowSums(*(a + b for a, b in zip(self, other)))
 
 

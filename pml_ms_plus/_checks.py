@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 
-def positive(name: str, value) -> float:
+def positive(name: str, value: object) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
@@ -19,7 +19,7 @@ def positive(name: str, value) -> float:
     return float(value)
 
 
-def non_negative(name: str, value) -> float:
+def non_negative(name: str, value: object) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
@@ -30,13 +30,13 @@ def non_negative(name: str, value) -> float:
     return float(value)
 
 
-def finite_number(name: str, value) -> float:
+def finite_number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
-def optional_non_negative(name: str, value) -> Optional[float]:
+def optional_non_negative(name: str, value: object) -> Optional[float]:
     return None if value is None else non_negative(name, value)
 
 
@@ -74,7 +74,7 @@ def label_dtype(labels: Optional[torch.Tensor], name: str = "labels") -> None:
         )
 
 
-def indices_tuple(indices_tuple, num_anchors: int) -> None:
+def indices_tuple(indices_tuple: object, num_anchors: int) -> None:
     """A PML index tuple: 3 (triplets) or 4 (pairs) 1D integer tensors of matching
     lengths, anchor indices in ``[0, num_anchors)``."""
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):

@@ -32,7 +32,7 @@ same loss instead, so second derivatives are exact (``gradgradcheck`` passes);
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -100,7 +100,7 @@ class _Problem(NamedTuple):
     self_index: torch.Tensor
     ref_scale: Optional[torch.Tensor] = None  # (M,) 1 / |y_j|: cosine with raw references
 
-    def starts(self, cols: int):
+    def starts(self, cols: int) -> range:
         return range(0, self.y.shape[0], cols)
 
     def scale_columns_(self, A: torch.Tensor, c0: int) -> torch.Tensor:
@@ -182,7 +182,7 @@ def _accumulate(
     B = problem.x.shape[0]
     dev, dt = problem.x.device, problem.x.dtype
 
-    def zeros(dtype=dt) -> _blocks.SidePair:
+    def zeros(dtype: torch.dtype = dt) -> _blocks.SidePair:
         return _blocks.SidePair(
             torch.zeros(B, dtype=dtype, device=dev), torch.zeros(B, dtype=dtype, device=dev)
         )
@@ -209,7 +209,9 @@ def _accumulate(
     return sums, kept
 
 
-def _finish(cfg: _Config, side_pair: _blocks.SidePair, shifts: _blocks.SidePair, sums: _Sums):
+def _finish(
+    cfg: _Config, side_pair: _blocks.SidePair, shifts: _blocks.SidePair, sums: _Sums
+) -> Tuple[_blocks.SidePair, _blocks.SidePair]:
     """Step 3: per-side :class:`_blocks.SideLoss` and weight sums."""
     w = cfg.weighting
     side_losses = _blocks.SidePair(
@@ -244,7 +246,17 @@ class _FusedMS(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg: _Config, ref_scale):
+    def forward(
+        x: torch.Tensor,
+        y: torch.Tensor,
+        lam_pos: torch.Tensor,
+        lam_neg: torch.Tensor,
+        labels: torch.Tensor,
+        ref_labels: torch.Tensor,
+        self_index: torch.Tensor,
+        cfg: _Config,
+        ref_scale: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, ...]:
         problem = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
         with torch.autocast(x.device.type, enabled=False):
             hard, blocks = _hardest_pass(problem, cfg)
@@ -266,7 +278,7 @@ class _FusedMS(torch.autograd.Function):
         )
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
         x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg, ref_scale = inputs
         ctx.cfg = cfg
         ctx.has_ref_scale = ref_scale is not None
@@ -278,7 +290,7 @@ class _FusedMS(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no zero gradients the size of the kept blocks
 
     @staticmethod
-    def backward(ctx, g, *_):
+    def backward(ctx: Any, g: Optional[torch.Tensor], *_: Any) -> Tuple[Optional[torch.Tensor], ...]:
         saved = ctx.saved_tensors
         if g is None:  # the losses were not used: nothing flows back
             return (None,) * 9
@@ -336,7 +348,14 @@ class _FusedMS(torch.autograd.Function):
         return dx, dy, d_lp, d_ln, None, None, None, None, None
 
 
-def _differentiable_grads(problem: _Problem, cfg: _Config, lam_pos, lam_neg, g, needs):
+def _differentiable_grads(
+    problem: _Problem,
+    cfg: _Config,
+    lam_pos: torch.Tensor,
+    lam_neg: torch.Tensor,
+    g: torch.Tensor,
+    needs: Tuple[bool, ...],
+) -> List[Optional[torch.Tensor]]:
     """The input gradients from the dense differentiable path, with ``create_graph``.
 
     Each input enters through its own view, so that ``y is x`` or
@@ -424,7 +443,14 @@ def ms_terms_fused(
 
 @torch.no_grad()
 def centre_sums(
-    x, y, labels, ref_labels, self_index, *, chunk_size: Optional[int] = None, ref_norm_p=None
+    x: torch.Tensor,
+    y: torch.Tensor,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor,
+    self_index: torch.Tensor,
+    *,
+    chunk_size: Optional[int] = None,
+    ref_norm_p: Optional[float] = None,
 ) -> _blocks.RowSums:
     """:func:`_blocks.block_row_sums` of ``x @ y.T``, block by block."""
     dtype = _blocks.compute_dtype(x.dtype)

@@ -29,7 +29,7 @@ For a distance such as ``LpDistance`` pass ``S = -D`` and thresholds ``-base``.
 from __future__ import annotations
 
 import math  # noqa: F401  (used by the examples)
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -135,7 +135,7 @@ def ms_terms(
     )
 
 
-def ms_anchor_losses(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, **kwargs) -> torch.Tensor:
+def ms_anchor_losses(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Per-anchor MS losses ``(B,)``: ``ms_terms(S, pos, neg, **kwargs).losses``.
 
     Example:

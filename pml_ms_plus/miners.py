@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.miners import BaseMiner
@@ -37,13 +39,15 @@ class MultiSimilarityMiner(BaseMiner):
         True
     """
 
-    def __init__(self, epsilon: float = 0.1, **kwargs):
+    def __init__(self, epsilon: float = 0.1, **kwargs: Any) -> None:
         _checks.non_negative("epsilon", epsilon)
         super().__init__(**kwargs)
         self.epsilon = epsilon
         self.add_to_recordable_attributes(name="epsilon", is_stat=False)
 
-    def mine(self, embeddings, labels, ref_emb, ref_labels):
+    def mine(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor, ref_labels: torch.Tensor
+    ) -> _blocks.MinedPairs:
         _checks.label_dtype(labels, "labels")
         _checks.label_dtype(ref_labels, "ref_labels")
         if len(embeddings) == 0 or len(ref_emb) == 0:
@@ -60,5 +64,5 @@ class MultiSimilarityMiner(BaseMiner):
         block = _blocks.block_from_labels(S, labels, ref_labels.to(labels.device), self_index, inplace=True)
         return _blocks.mined_pairs(block, self.epsilon)
 
-    def get_default_distance(self):
+    def get_default_distance(self) -> CosineSimilarity:
         return CosineSimilarity()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -68,8 +68,8 @@ class AdaptiveMSLoss(MultiSimilarityLoss):
         margin_mode: str = "anchor",
         margin: float = 0.1,
         num_classes: Optional[int] = None,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         if margin_mode not in MARGIN_MODES:
             raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {margin_mode!r}")
         _checks.non_negative("margin", margin)
@@ -87,7 +87,13 @@ class AdaptiveMSLoss(MultiSimilarityLoss):
         self.add_to_recordable_attributes(list_of_names=["margin"], is_stat=False)
         self.add_to_recordable_attributes(list_of_names=["threshold_mean", "threshold_std"], is_stat=True)
 
-    def _check_inputs(self, embeddings, labels, ref_emb, ref_labels):
+    def _check_inputs(
+        self,
+        embeddings: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        ref_emb: Optional[torch.Tensor],
+        ref_labels: Optional[torch.Tensor],
+    ) -> None:
         super()._check_inputs(embeddings, labels, ref_emb, ref_labels)
         if self.margin_mode != "learned":
             return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 from pytorch_metric_learning import losses as pml_losses
@@ -104,13 +104,13 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         loss: MultiSimilarityLoss,
         embedding_size: int,
         memory_size: int = 1024,
-        miner=None,
+        miner: Optional[torch.nn.Module] = None,
         *,
         start_iteration: int = 0,
         batch_weight: float = 0.0,
         memory_weight: float = 1.0,
         gather: Union[str, bool] = "auto",
-    ):
+    ) -> None:
         if not isinstance(loss, MultiSimilarityLoss):
             raise TypeError(
                 "CrossBatchMemory takes a loss of the pml_ms_plus MS family (MSLoss, AdaptiveMSLoss), "
@@ -136,11 +136,11 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         )
 
     @staticmethod
-    def supported_losses():
+    def supported_losses() -> List[str]:
         return ["MultiSimilarityLoss", "AdaptiveMSLoss"]
 
     @classmethod
-    def check_loss_support(cls, loss_name):
+    def check_loss_support(cls, loss_name: str) -> None:
         pass  # the isinstance check in __init__ is the real one
 
     # --------------------------------------------------------------- the state
@@ -172,7 +172,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         return self._host_state().position
 
     @queue_idx.setter
-    def queue_idx(self, value) -> None:  # PML's reset_queue and records use this name
+    def queue_idx(self, value: int) -> None:  # PML's reset_queue and records use this name
         if "queue_position" in self._buffers:
             self._set_host_state(self._host_state()._replace(position=int(value)))
 
@@ -181,7 +181,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         return self._host_state().filled
 
     @has_been_filled.setter
-    def has_been_filled(self, value) -> None:
+    def has_been_filled(self, value: bool) -> None:
         if "filled" in self._buffers:
             self._set_host_state(self._host_state()._replace(filled=bool(value)))
 
@@ -192,7 +192,9 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         n = self.queue_idx
         return self.embedding_memory[:n], self.label_memory[:n]
 
-    def add_to_memory(self, embeddings, labels, batch_size=None):
+    def add_to_memory(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, batch_size: Optional[int] = None
+    ) -> None:
         n = len(embeddings)
         start = self.queue_idx
         self.curr_batch_idx = (
@@ -205,7 +207,13 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         self.queue_idx = (start + n) % self.memory_size
 
     # ----------------------------------------------------------------- forward
-    def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: Optional[Tuple[torch.Tensor, ...]] = None,
+        enqueue_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         self._check_inputs(embeddings, labels, indices_tuple, enqueue_mask)
         self.reset_stats()
         device = embeddings.device
@@ -251,7 +259,14 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             self._restore(undo)
             raise
 
-    def _memory_loss(self, anchors, labels, self_index, indices_tuple, remove_self: bool):
+    def _memory_loss(
+        self,
+        anchors: torch.Tensor,
+        labels: torch.Tensor,
+        self_index: torch.Tensor,
+        indices_tuple: Optional[Tuple[torch.Tensor, ...]],
+        remove_self: bool,
+    ) -> torch.Tensor:
         E_mem, L_mem = self.memory()
         dtype = torch.promote_types(anchors.dtype, E_mem.dtype)
         anchors, E_mem = anchors.to(dtype), E_mem.to(dtype)
@@ -265,7 +280,16 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             problem = MSProblem(anchors, labels, E_mem, L_mem, pairs=masks, references_checked=True)
         return self.loss.forward_problem(problem)
 
-    def _indices_tuple(self, anchors, labels, E_mem, L_mem, indices_tuple, remove_self, self_index):
+    def _indices_tuple(
+        self,
+        anchors: torch.Tensor,
+        labels: torch.Tensor,
+        E_mem: torch.Tensor,
+        L_mem: torch.Tensor,
+        indices_tuple: Optional[Tuple[torch.Tensor, ...]],
+        remove_self: bool,
+        self_index: torch.Tensor,
+    ) -> Tuple[torch.Tensor, ...]:
         """The tuple PML's ``CrossBatchMemory`` builds, in PML's order: the miner's tuple
         (or all pairs), then self comparisons dropped (a whole triplet whose positive
         is the anchor's own copy), then the caller's tuple appended in the same form."""
@@ -288,7 +312,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         """How many memory slots hold entries once ``n`` more are enqueued."""
         return self.memory_size if self.has_been_filled else min(self.memory_size, self.queue_idx + n)
 
-    def _snapshot(self, n: int):
+    def _snapshot(self, n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, _HostState]:
         """What enqueueing ``n`` entries overwrites, to undo a call that fails."""
         slots = (self.queue_idx + torch.arange(n, device=self.embedding_memory.device)) % self.memory_size
         return (
@@ -298,14 +322,20 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             self._host_state(),
         )
 
-    def _restore(self, undo) -> None:
+    def _restore(self, undo: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, _HostState]) -> None:
         slots, emb, lab, host = undo
         with torch.no_grad():
             self.embedding_memory[slots] = emb
             self.label_memory[slots] = lab
             self._set_host_state(host)
 
-    def _check_inputs(self, embeddings, labels, indices_tuple, enqueue_mask) -> None:
+    def _check_inputs(
+        self,
+        embeddings: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        indices_tuple: Optional[Tuple[torch.Tensor, ...]],
+        enqueue_mask: Optional[torch.Tensor],
+    ) -> None:
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
         if labels is None:
@@ -328,7 +358,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             _checks.indices_tuple(indices_tuple, len(embeddings))
 
     @staticmethod
-    def _check_reference_indices(indices_tuple, num_refs: int) -> None:
+    def _check_reference_indices(indices_tuple: Tuple[torch.Tensor, ...], num_refs: int) -> None:
         """Positives and negatives of the caller's tuple index the memory (after enqueueing)."""
         refs = indices_tuple[1:2] + indices_tuple[2:3] if len(indices_tuple) == 3 else indices_tuple[1::2]
         for name, t in zip(("positive", "negative"), refs):
@@ -349,7 +379,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         return torch.distributed.get_world_size() > 1
 
     def _gather(
-        self, embeddings, labels, enqueue_mask
+        self, embeddings: torch.Tensor, labels: torch.Tensor, enqueue_mask: Optional[torch.Tensor]
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
         sizes = _all_gather(torch.tensor([len(embeddings)], device=embeddings.device))
         if bool((sizes != sizes[0]).any()):
@@ -375,7 +405,9 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         return bool((keys == keys[:1]).all())
 
     # ---------------------------------------------------- PML checkpoints
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
         """``torch.nn.Module.load_state_dict``; a state dict of PML's ``CrossBatchMemory``
         (the memory without its write position and fill state) gets a clear error under
         ``strict=True`` saying how to load it."""
@@ -389,7 +421,16 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @staticmethod
-    def _label_state_hook(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    def _label_state_hook(
+        module: "CrossBatchMemory",
+        state_dict: Dict[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing: List[str],
+        unexpected: List[str],
+        errors: List[str],
+    ) -> None:
         """Stored labels are class ids: refuse a checkpoint with non-integer labels. The host copy
         of the position, fill flag and counter is re-read from the buffers after any load."""
         module._host = None

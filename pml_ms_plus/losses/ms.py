@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from pytorch_metric_learning import losses as pml_losses
@@ -14,6 +14,7 @@ from .. import _blocks, _checks, _kernel
 from .. import functional as F_ms
 from .problem import MSProblem, Thresholds
 
+IndicesTuple = Tuple[torch.Tensor, ...]  # PML's (a, p, n) or (a1, p, a2, n)
 _STATS = ["num_pos_pairs", "num_neg_pairs", "num_nonzero_anchors", "mean_pos_weight", "mean_neg_weight"]
 _FAST_DISTANCES = (CosineSimilarity, DotProductSimilarity)
 
@@ -101,8 +102,8 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         chunk_size: Optional[int] = None,
         memory_budget: Optional[int] = None,
         fused: Optional[bool] = None,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         _checks.positive("alpha", alpha)
         _checks.positive("beta", beta)
         _checks.finite_number("base", base)
@@ -127,13 +128,27 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         self.add_to_recordable_attributes(list_of_names=_STATS, is_stat=True)
 
     # ----------------------------------------------------------------- forward
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        indices_tuple: Optional[IndicesTuple] = None,
+        ref_emb: Optional[torch.Tensor] = None,
+        ref_labels: Optional[torch.Tensor] = None,
+    ) -> Any:
         """PML's ``forward`` (checks, ``ref_emb``/``ref_labels`` defaulting, reducer), with
         this package's input checks first: ``ValueError`` naming the problem."""
         self._check_inputs(embeddings, labels, ref_emb, ref_labels)
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        indices_tuple: Optional[IndicesTuple],
+        ref_emb: torch.Tensor,
+        ref_labels: Optional[torch.Tensor],
+    ) -> Dict[str, Any]:
         """PML's hook, called by ``forward``: one :class:`MSProblem`, then its loss dict."""
         problem = self.make_problem(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         return self._loss_dict(problem)
@@ -142,7 +157,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         self,
         embeddings: torch.Tensor,
         labels: Optional[torch.Tensor],
-        indices_tuple=None,
+        indices_tuple: Optional[IndicesTuple] = None,
         ref_emb: Optional[torch.Tensor] = None,
         ref_labels: Optional[torch.Tensor] = None,
     ) -> MSProblem:
@@ -196,7 +211,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             return self._fused_terms(problem)
         return self._dense_terms(problem)
 
-    def _loss_dict(self, problem: MSProblem):
+    def _loss_dict(self, problem: MSProblem) -> Dict[str, Any]:
         if problem.num_anchors == 0 or problem.num_references == 0:  # no pairs: PML's zero loss
             self._record(None)
             return self.zero_losses()
@@ -213,7 +228,13 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             }
         }
 
-    def _check_inputs(self, embeddings, labels, ref_emb, ref_labels):
+    def _check_inputs(
+        self,
+        embeddings: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        ref_emb: Optional[torch.Tensor],
+        ref_labels: Optional[torch.Tensor],
+    ) -> None:
         _checks.embeddings_and_labels(embeddings, labels, self.check_finite)
         if ref_emb is not None:
             _checks.embeddings_and_labels(ref_emb, ref_labels, self.check_finite, "ref_emb", "ref_labels")
@@ -307,7 +328,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             pos, neg = _blocks.pair_masks(problem.labels, problem.ref_labels, problem.self_index)
         return DenseSimilarities(S, pos, neg)
 
-    def _dense_inputs(self, problem: MSProblem):
+    def _dense_inputs(self, problem: MSProblem) -> Tuple[Tuple[torch.Tensor, ...], Dict[str, Any]]:
         """``(S, pos, neg)`` and the keyword arguments of the dense block functions."""
         sims = self._dense_block(problem)
         lam = self.problem_thresholds(problem, sims)
