@@ -441,3 +441,99 @@ def test_stdout_closed_early_gives_no_traceback(tmp_path):
     assert first.startswith(b"done: raw")
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert proc.returncode == 1
+
+
+NEW_HEADER = ",".join(
+    ["variant", "seed", "config_hash", "mean_average_precision_at_r", "r_precision", "precision_at_1"]
+    + [f"recall_at_{k}" for k in (1, 2, 4, 8)]
+    + ["NMI", "epoch", "train_seconds", "losses", "evaluations"]
+)
+
+
+@pytest.mark.parametrize(
+    "bad_row, message",
+    [
+        ("raw,0,abc,0.5,0.5\n", "line 2: 5 fields, expected 15"),
+        ("raw,0,abc,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,x,0.1,[],[]\n", "line 2: epoch is not a number: 'x'"),
+        (
+            'raw,0,abc,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0,0.1,[],"[1]"\n',
+            "line 2: evaluations is not a JSON list",
+        ),
+    ],
+)
+def test_malformed_results_csv_of_this_version(tmp_path, capsys, bad_row, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.csv").write_text(NEW_HEADER + "\n" + bad_row)
+    config = write(tmp_path, "c.toml", STUDY + '[[variant]]\nname = "raw"\nkind = "raw"\n')
+    args = ["ablate", "--config", config, "--dataset", tiny_npz(tmp_path), "--out", str(out), "--resume"]
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_results_csv_of_0_2_0_still_resumes(tmp_path, capsys):
+    """Its rows lack Recall@K: they are kept and shown as '–'; nothing is lost."""
+    npz = tiny_npz(tmp_path)
+    config = write(tmp_path, "c.toml", STUDY + '[[variant]]\nname = "raw"\nkind = "raw"\n')
+    out = tmp_path / "out"
+    assert cli.main(["ablate", "--config", config, "--dataset", npz, "--out", str(out)]) == 0
+    (row,) = read_rows(out)
+    old = HEADER + ",".join([row[k] for k in HEADER.strip().split(",")]) + "\n"
+    (out / "results.csv").write_text(old)  # as 0.2.0 wrote it
+    capsys.readouterr()
+    assert cli.main(["ablate", "--config", config, "--dataset", npz, "--out", str(out), "--resume"]) == 0
+    assert "1 finished runs kept, 0 to go" in capsys.readouterr().out
+    (again,) = read_rows(out)
+    assert again["mean_average_precision_at_r"] == row["mean_average_precision_at_r"]
+    assert again["recall_at_1"] == ""
+    assert "| raw | 1 | " in (out / "summary.md").read_text() and " – |" in (out / "summary.md").read_text()
+
+
+def test_toy_run_interrupted_after_an_epoch_resumes_with_the_same_numbers(tmp_path, monkeypatch, capsys):
+    from pml_ms_plus.ablation import checkpoint
+
+    npz = tiny_npz(tmp_path)
+    text = STUDY.replace("epochs = 1", "epochs = 3") + MS_VARIANT
+    config = write(tmp_path, "c.toml", text)
+    base = ["ablate", "--config", config, "--dataset", npz]
+    assert cli.main(base + ["--out", str(tmp_path / "whole")]) == 0
+    save = checkpoint.save
+
+    def save_then_die(file, state):
+        save(file, state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    out = str(tmp_path / "out")
+    assert cli.main(base + ["--out", out]) == 130
+    assert "add --resume to continue" in capsys.readouterr().err
+    monkeypatch.setattr(checkpoint, "save", save)
+    assert cli.main(base + ["--out", out, "--resume"]) == 0
+    assert "from its checkpoint after epoch 2/3" in capsys.readouterr().out
+    (a,), (b,) = read_rows(tmp_path / "whole"), read_rows(out)
+    assert a["losses"] == b["losses"] and a["mean_average_precision_at_r"] == b["mean_average_precision_at_r"]
+    assert sorted(os.listdir(out)) == sorted(OUTPUTS)  # the checkpoint is gone
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ('schedule = "step"', "schedule 'step' needs lr_steps"),
+        ("lr_steps = [2, 1]", "'lr_steps' must be increasing"),
+        ('amp = "fp8"', "'amp' must be one of none, bf16, fp16"),
+        ('select = "top"', "'select' must be one of last, best"),
+        ('select_metric = "recall_at_3"', "'select_metric' must be one of"),
+        ("warmup_epochs = -1", "'warmup_epochs' must be a finite number >= 0"),
+        ('baseline = "nope"', "baseline 'nope' is not a variant of this study"),
+        ('optimizer = "lbfgs"', "'optimizer' must be one of adam, adamw, sgd"),
+        ("image_size = 32", "setting 'image_size' applies to the image data sets"),
+    ],
+)
+def test_bad_training_settings_exit_2(tmp_path, capsys, setting, message):
+    config = write(tmp_path, "c.toml", STUDY + setting + "\n" + MS_VARIANT)
+    out = tmp_path / "out"
+    assert cli.main(["ablate", "--config", config, "--dataset", tiny_npz(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
