@@ -77,7 +77,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _torchvision_models():
+def _torchvision_models() -> Any:
     try:
         torchvision = importlib.import_module("torchvision")  # an optional dependency: typed Any
     except ImportError as exc:

@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, TextIO, Union
 
 import torch
 
@@ -110,9 +110,10 @@ CLI_SETTINGS = (
 )
 
 
-def prepare(args) -> Study:
+def prepare(args: argparse.Namespace) -> Study:
     """Validate everything and load the data; touches no file. Raises ValueError subclasses."""
-    overrides, variants = ({}, None)
+    overrides: Dict[str, Any] = {}
+    variants: Optional[List[cfg.Variant]] = None
     if args.config:
         overrides, variants = cfg.load_config(args.config)
     cli = {k: getattr(args, k, None) for k in CLI_SETTINGS}
@@ -279,7 +280,7 @@ class RunBar:
             self.bar.close()
 
 
-def run_study(study: Study, stream=None) -> List[Dict]:
+def run_study(study: Study, stream: Optional[TextIO] = None) -> List[Dict]:
     from tqdm import tqdm
 
     stream = stream or sys.stdout
@@ -290,7 +291,7 @@ def run_study(study: Study, stream=None) -> List[Dict]:
     hashes = {v.name: cfg.variant_hash(v, s) for v in study.variants}
     keep = {(r["variant"], r["seed"], r["config_hash"]) for r in study.done}
 
-    def current(r):
+    def current(r: Dict) -> bool:
         return hashes.get(r["variant"]) == r["config_hash"] and r["seed"] < s["seeds"]
 
     rows = [r for r in study.done if current(r)]

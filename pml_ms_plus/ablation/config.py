@@ -11,7 +11,7 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -96,7 +96,7 @@ class Variant:
         return {k: v for k, v in asdict(self).items() if v not in (None, {})}
 
 
-def _v(name, loss=None, kind="train", **kw):
+def _v(name: str, loss: Optional[str] = None, kind: str = "train", **kw: Any) -> "Variant":
     return Variant(name=name, kind=kind, loss=loss, **kw)
 
 
@@ -162,7 +162,7 @@ _SETTING_TYPES: Dict[str, Any] = dict(
 )
 
 
-def _base(kind: str):
+def _base(kind: str) -> Tuple[type, str]:
     """``(class, its public name)`` that a ``loss`` / ``miner`` / ``memory`` path must subclass."""
     from pytorch_metric_learning import losses, miners
 
@@ -173,7 +173,7 @@ def _base(kind: str):
     }[kind]
 
 
-def import_path(path: str, what: str, kind: Optional[str] = None):
+def import_path(path: str, what: str, kind: Optional[str] = None) -> Any:
     """The object named by ``package.module.Name`` (or ``package.Name``).
 
     The top-level name must be a package: a plain top-level module (``this``,
@@ -207,7 +207,7 @@ def import_path(path: str, what: str, kind: Optional[str] = None):
     return obj
 
 
-def load_config(path: str):
+def load_config(path: str) -> Tuple[Dict[str, Any], Optional[List["Variant"]]]:
     """``(settings, variants)`` from a TOML file; ``variants`` is None when it lists none.
 
     Format: an optional ``[study]`` table with any of the settings, then
@@ -351,12 +351,14 @@ def check_variants(variants: List[Variant]) -> None:
             raise ConfigError(f"{what}: a trained variant needs 'loss'")
 
 
-def build_loss(v: Variant, embedding_size: int, num_classes: int):
+def build_loss(v: Variant, embedding_size: int, num_classes: int) -> Tuple[Any, Any]:
     """``(loss, miner)`` for a trained variant; the memory, if any, wraps the loss."""
     what = f"variant {v.name!r}"
     kwargs = copy.deepcopy(v.loss_kwargs)
     if kwargs.get("num_classes") == "auto":
         kwargs["num_classes"] = num_classes
+    if not v.loss:
+        raise ConfigError(f"{what}: a trained variant needs 'loss'")
     loss = _construct(import_path(v.loss, f"{what} loss", "loss"), kwargs, f"{what} loss")
     from ..losses import AdaptiveMSLoss
 
@@ -382,7 +384,7 @@ def build_loss(v: Variant, embedding_size: int, num_classes: int):
     return loss, miner
 
 
-def _construct(cls, kwargs, what):
+def _construct(cls: Any, kwargs: Dict[str, Any], what: str) -> Any:
     try:
         return cls(**kwargs)
     except Exception as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ def place_on_canvas(images: torch.Tensor, generator: torch.Generator) -> torch.T
     return canvas[:, None]
 
 
-def _split(x: np.ndarray, y: np.ndarray, train_classes) -> tuple:
+def _split(x: np.ndarray, y: np.ndarray, train_classes: Any) -> tuple:
     classes = np.unique(y)
     if train_classes is None:
         train_classes = classes[: len(classes) // 2]
@@ -123,7 +123,7 @@ def synthetic(seed: int = 0) -> Data:
     )
 
 
-def _features(name: str, description: str, x: np.ndarray, y: np.ndarray, train_classes) -> Data:
+def _features(name: str, description: str, x: np.ndarray, y: np.ndarray, train_classes: Any) -> Data:
     """A feature-vector data set (the model is an MLP head; batches are plain rows)."""
     train_x, train_y, test_x, test_y = _split(x, y, train_classes)
     return Data(name, description, train_x, train_y, test_x, test_y, False, lambda idx, g: train_x[idx])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -402,7 +402,7 @@ def load(name: str, root: Optional[str]) -> ImageData:
     return READERS[name](root)
 
 
-def transforms(image_size: int, train: bool):
+def transforms(image_size: int, train: bool) -> Any:
     """torchvision.transforms.v2: training RandomResizedCrop + horizontal flip; evaluation resize to
     ``image_size * 256 / 224`` and centre crop; both ImageNet-normalised."""
     v2 = importlib.import_module("torchvision.transforms.v2")
@@ -426,7 +426,7 @@ class ImageFiles(torch.utils.data.Dataset):
     the random transforms then draw from ``seed``, so a sample's augmentation does not depend on
     which worker decodes it (the same numbers with any ``--workers``)."""
 
-    def __init__(self, split: Split, transform):
+    def __init__(self, split: Split, transform: Any) -> None:
         self.paths = split.paths
         self.labels = split.labels
         self.transform = transform
@@ -434,7 +434,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, item):
+    def __getitem__(self, item: int) -> Tuple[Any, Any]:
         index, seed = item if isinstance(item, tuple) else (item, None)
         path = self.paths[index]
         from PIL import Image

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator, try_getting_not_lone_labels
@@ -35,28 +35,30 @@ class RetrievalCalculator(AccuracyCalculator):
     class, e.g. SOP); MAP@R and R-precision still stop at R.
     """
 
-    def _recall(self, k, knn_labels, query_labels, not_lone_query_mask, **kwargs) -> float:
+    def _recall(
+        self, k: int, knn_labels: Any, query_labels: Any, not_lone_query_mask: Any, **kwargs: Any
+    ) -> float:
         knn, labels = try_getting_not_lone_labels(knn_labels, query_labels, not_lone_query_mask)
         if knn is None:
             return float("nan")
         return recall_at_k(knn, labels, k)
 
-    def calculate_recall_at_1(self, **kwargs) -> float:
+    def calculate_recall_at_1(self, **kwargs: Any) -> float:
         return self._recall(1, **kwargs)
 
-    def calculate_recall_at_2(self, **kwargs) -> float:
+    def calculate_recall_at_2(self, **kwargs: Any) -> float:
         return self._recall(2, **kwargs)
 
-    def calculate_recall_at_4(self, **kwargs) -> float:
+    def calculate_recall_at_4(self, **kwargs: Any) -> float:
         return self._recall(4, **kwargs)
 
-    def calculate_recall_at_8(self, **kwargs) -> float:
+    def calculate_recall_at_8(self, **kwargs: Any) -> float:
         return self._recall(8, **kwargs)
 
-    def requires_knn(self):
+    def requires_knn(self) -> List[str]:
         return super().requires_knn() + [f"recall_at_{k}" for k in RECALL_KS]
 
-    def determine_k(self, bin_counts, num_reference_embeddings, ref_includes_query):
+    def determine_k(self, bin_counts: Any, num_reference_embeddings: int, ref_includes_query: bool) -> int:
         k = super().determine_k(bin_counts, num_reference_embeddings, ref_includes_query)
         return max(k, min(max(RECALL_KS), num_reference_embeddings - int(ref_includes_query)))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -42,7 +44,7 @@ class MLPHead(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def build_model(data, embedding_size: int) -> nn.Module:
+def build_model(data: Any, embedding_size: int) -> nn.Module:
     if data.image:
         return SmallCNN(embedding_size)
     mean = data.train_x.mean(0)

@@ -7,7 +7,7 @@ import io
 import json
 import os
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from . import stats
 from .metrics import METRICS
@@ -50,7 +50,7 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_atomic(path: str, data, mode: Optional[int] = None) -> None:
+def write_atomic(path: str, data: Union[str, bytes], mode: Optional[int] = None) -> None:
     """Write to a temporary file beside ``path``, then rename: never half-written.
 
     The file gets ``mode`` (default: what the umask gives a new file), not
@@ -101,7 +101,7 @@ def _number(value: str, field: str) -> Optional[float]:
         raise ValueError(f"{field} is not a number: {value!r}") from None
 
 
-def _json_list(value: str, field: str, item) -> list:
+def _json_list(value: str, field: str, item: Any) -> list:
     try:
         out = json.loads(value)
     except ValueError:
@@ -111,12 +111,12 @@ def _json_list(value: str, field: str, item) -> list:
     return out
 
 
-def _is_number(v) -> bool:
+def _is_number(v: Any) -> bool:
     """numbers"""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _is_evaluation(v) -> bool:
+def _is_evaluation(v: Any) -> bool:
     """evaluations ({"epoch": e, metric: value})"""
     return isinstance(v, dict) and all(
         isinstance(k, str) and (x is None or _is_number(x)) for k, x in v.items()
@@ -366,7 +366,7 @@ def plot_losses(rows: List[Dict], order: List[str], path: str, mode: Optional[in
     _save(fig, path, mode)
 
 
-def _save(fig, path: str, mode: Optional[int] = None) -> None:
+def _save(fig: Any, path: str, mode: Optional[int] = None) -> None:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()

@@ -62,7 +62,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(device: torch.device, amp: str):
+def autocast(device: torch.device, amp: str) -> Any:
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -118,14 +118,14 @@ class _SeededSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
         order = list(iter(self.base))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         seeds = torch.randint(0, 2**62, (len(order),), generator=g).tolist()
         return iter(list(zip(order, seeds)))
 
 
-def _loader(dataset, settings: Dict, device: torch.device, **kwargs) -> torch.utils.data.DataLoader:
+def _loader(dataset: Any, settings: Dict, device: torch.device, **kwargs: Any) -> torch.utils.data.DataLoader:
     workers = settings["workers"]
     return torch.utils.data.DataLoader(
         dataset,
@@ -165,7 +165,7 @@ class ImageBatches:
 
 @torch.no_grad()
 def embed(
-    model: Optional[nn.Module], x: torch.Tensor, device, batch: int = 1024, amp: str = "none"
+    model: Optional[nn.Module], x: torch.Tensor, device: torch.device, batch: int = 1024, amp: str = "none"
 ) -> torch.Tensor:
     if model is None:
         return x.flatten(1)
