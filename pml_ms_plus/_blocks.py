@@ -193,7 +193,8 @@ def _exclude_own_copies_(Vn: torch.Tensor, self_index: torch.Tensor) -> None:
     rows = torch.arange(len(self_index), device=Vn.device)
     cols = self_index.clamp(0, M - 1)
     valid = (self_index >= 0) & (self_index < M)
-    Vn[rows, cols] = torch.where(valid, torch.full_like(Vn[rows, cols], -_INF), Vn[rows, cols])
+    current = Vn[rows, cols]
+    Vn[rows, cols] = current.masked_fill(valid, -_INF)
 
 
 def block_from_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Block:
@@ -497,26 +498,15 @@ class _DenseResult(NamedTuple):
     counts: SidePair
 
 
-def _dense(
-    S: torch.Tensor,
-    pos: torch.Tensor,
-    neg: torch.Tensor,
-    *,
-    alpha: float,
-    beta: float,
-    lam_pos: Threshold,
-    lam_neg: Threshold,
-    weighting: str,
-    epsilon: Optional[float],
-) -> _DenseResult:
-    w = get_weighting(weighting)
+def _dense(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, params: "MSParams") -> _DenseResult:
+    w = get_weighting(params.weighting)
     S = S.to(compute_dtype(S.dtype))
     B = S.shape[0]
     block = block_from_masks(S, pos, neg)
-    side_pair = sides(alpha, beta, _as_row(lam_pos, B, S), _as_row(lam_neg, B, S))
+    side_pair = sides(params.alpha, params.beta, _as_row(params.lam_pos, B, S), _as_row(params.lam_neg, B, S))
     hard = hardest(block)
-    shifts = side_shifts(side_pair, hard, epsilon, w)
-    bt = block_terms(block, side_pair, shifts, hard, weighting=w, epsilon=epsilon, counts=True)
+    shifts = side_shifts(side_pair, hard, params.epsilon, w)
+    bt = block_terms(block, side_pair, shifts, hard, weighting=w, epsilon=params.epsilon, counts=True)
     losses = SidePair(*(side_finish(t.acc, sh, s.coef, w) for t, sh, s in zip(bt.terms, shifts, side_pair)))
     terms = SidePair(*(PairTerms(t.R.detach(), t.acc.detach()) for t in bt.terms))
     assert bt.counts is not None
@@ -535,59 +525,30 @@ def _weight_sums(res: _DenseResult, weighting: Weighting) -> SidePair:
     )
 
 
-def dense_terms(
-    S: torch.Tensor,
-    pos: torch.Tensor,
-    neg: torch.Tensor,
-    *,
-    alpha: float,
-    beta: float,
-    lam_pos: Threshold,
-    lam_neg: Threshold,
-    weighting: str,
-    epsilon: Optional[float],
-) -> MSTerms:
+class MSParams(NamedTuple):
+    """The hyper-parameters of one MS computation on a dense block (see ``functional.ms_terms``)."""
+
+    alpha: float = 2.0
+    beta: float = 50.0
+    lam_pos: Threshold = 0.5
+    lam_neg: Threshold = 0.5
+    weighting: str = "ms"
+    epsilon: Optional[float] = None
+
+
+def dense_terms(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, params: MSParams) -> MSTerms:
     """:class:`MSTerms` of a dense block with masks (differentiable in ``S`` and thresholds)."""
-    res = _dense(
-        S,
-        pos,
-        neg,
-        alpha=alpha,
-        beta=beta,
-        lam_pos=lam_pos,
-        lam_neg=lam_neg,
-        weighting=weighting,
-        epsilon=epsilon,
-    )
-    ws = _weight_sums(res, get_weighting(weighting))
+    res = _dense(S, pos, neg, params)
+    ws = _weight_sums(res, get_weighting(params.weighting))
     return MSTerms(res.losses.pos.loss + res.losses.neg.loss, *res.counts, *ws)
 
 
 @torch.no_grad()
 def dense_pair_weights(
-    S: torch.Tensor,
-    pos: torch.Tensor,
-    neg: torch.Tensor,
-    *,
-    alpha: float,
-    beta: float,
-    lam_pos: Threshold,
-    lam_neg: Threshold,
-    weighting: str,
-    epsilon: Optional[float],
+    S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, params: MSParams
 ) -> PairWeights:
     """Dense :class:`PairWeights` of a block with masks."""
-    res = _dense(
-        S,
-        pos,
-        neg,
-        alpha=alpha,
-        beta=beta,
-        lam_pos=lam_pos,
-        lam_neg=lam_neg,
-        weighting=weighting,
-        epsilon=epsilon,
-    )
+    res = _dense(S, pos, neg, params)
     tp, tn = res.terms
     w_pos = torch.zeros_like(tn.R).index_put_(
         (res.block.pa, res.block.pj), tp.R * res.losses.pos.scale[res.block.pa]

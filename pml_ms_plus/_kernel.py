@@ -130,11 +130,12 @@ class _Problem(NamedTuple):
 
 
 # ----------------------------------------------------------- forward, by step
-def _hardest_pass(problem: _Problem, cfg: _Config) -> Tuple[_blocks.Hardest, List[_blocks.Block]]:
+def _hardest_pass(
+    problem: _Problem, cfg: _Config, buffer: Optional[torch.Tensor]
+) -> Tuple[_blocks.Hardest, List[_blocks.Block]]:
     """Step 1: the hardest pairs over all references, and the blocks that are kept."""
     hard = None
     kept: List[_blocks.Block] = []
-    buffer = _working_buffer(problem, cfg)
     for k, c0 in enumerate(problem.starts(cfg.cols)):
         block = problem.block(c0, cfg.cols, out=None if k < cfg.keep else buffer)
         if k < cfg.keep:
@@ -177,6 +178,7 @@ def _accumulate(
     shifts: _blocks.SidePair,
     hard: _blocks.Hardest,
     blocks: List[_blocks.Block],
+    buffer: Optional[torch.Tensor],
 ) -> Tuple[_Sums, List[_Kept]]:
     """Step 2: mine each block and add up both sides' terms."""
     B = problem.x.shape[0]
@@ -190,7 +192,6 @@ def _accumulate(
     sums = _Sums(acc=zeros(), counts=zeros(torch.long), r_sum=zeros())
     kept: List[_Kept] = []
     w = cfg.weighting
-    buffer = _working_buffer(problem, cfg)
     for k, c0 in enumerate(problem.starts(cfg.cols)):
         blk = blocks[k] if k < len(blocks) else problem.block(c0, cfg.cols, out=buffer)
         bt = _blocks.block_terms(
@@ -259,10 +260,11 @@ class _FusedMS(torch.autograd.Function):
     ) -> Tuple[torch.Tensor, ...]:
         problem = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
         with torch.autocast(x.device.type, enabled=False):
-            hard, blocks = _hardest_pass(problem, cfg)
+            buffer = _working_buffer(problem, cfg)  # shared by both passes
+            hard, blocks = _hardest_pass(problem, cfg, buffer)
             side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
             shifts = _blocks.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
-            sums, kept = _accumulate(problem, cfg, side_pair, shifts, hard, blocks)
+            sums, kept = _accumulate(problem, cfg, side_pair, shifts, hard, blocks, buffer)
             side_losses, wsums = _finish(cfg, side_pair, shifts, sums)
         return (
             side_losses.pos.loss + side_losses.neg.loss,
@@ -365,17 +367,8 @@ def _differentiable_grads(
     x, y, lp, ln = leaves
     S = problem._replace(x=x, y=y).dense_similarities()
     pos, neg = _blocks.pair_masks(problem.labels, problem.ref_labels, problem.self_index)
-    losses = _blocks.dense_terms(
-        S,
-        pos,
-        neg,
-        alpha=cfg.alpha,
-        beta=cfg.beta,
-        lam_pos=lp,
-        lam_neg=ln,
-        weighting=cfg.weighting.name,
-        epsilon=cfg.epsilon,
-    ).losses
+    params = _blocks.MSParams(cfg.alpha, cfg.beta, lp, ln, cfg.weighting.name, cfg.epsilon)
+    losses = _blocks.dense_terms(S, pos, neg, params).losses
     wanted = [t for t, n in zip(leaves, needs) if n]
     grads = iter(torch.autograd.grad(losses, wanted, g, create_graph=True, allow_unused=True))
     out = []

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from . import _blocks, _kernel
-from ._blocks import WEIGHTINGS, MSTerms, PairMasks, PairWeights, Threshold
+from ._blocks import WEIGHTINGS, MSParams, MSTerms, PairMasks, PairWeights, Threshold
 
 __all__ = [
     "WEIGHTINGS",
@@ -122,17 +122,7 @@ def ms_terms(
         >>> round(float(t.losses[0]), 6) == round(by_hand, 6)
         True
     """
-    return _blocks.dense_terms(
-        S,
-        pos,
-        neg,
-        alpha=alpha,
-        beta=beta,
-        lam_pos=lam_pos,
-        lam_neg=lam_neg,
-        weighting=weighting,
-        epsilon=epsilon,
-    )
+    return _blocks.dense_terms(S, pos, neg, MSParams(alpha, beta, lam_pos, lam_neg, weighting, epsilon))
 
 
 def ms_anchor_losses(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -178,15 +168,7 @@ def pair_weights(
                 [0.9820, 0.0000]])
     """
     return _blocks.dense_pair_weights(
-        S,
-        pos,
-        neg,
-        alpha=alpha,
-        beta=beta,
-        lam_pos=lam_pos,
-        lam_neg=lam_neg,
-        weighting=weighting,
-        epsilon=epsilon,
+        S, pos, neg, MSParams(alpha, beta, lam_pos, lam_neg, weighting, epsilon)
     )
 
 

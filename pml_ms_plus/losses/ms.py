@@ -328,23 +328,16 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             pos, neg = _blocks.pair_masks(problem.labels, problem.ref_labels, problem.self_index)
         return DenseSimilarities(S, pos, neg)
 
-    def _dense_inputs(self, problem: MSProblem) -> Tuple[Tuple[torch.Tensor, ...], Dict[str, Any]]:
-        """``(S, pos, neg)`` and the keyword arguments of the dense block functions."""
+    def _dense_inputs(self, problem: MSProblem) -> Tuple[DenseSimilarities, _blocks.MSParams]:
+        """The dense block of a problem and the parameters of the dense block functions."""
         sims = self._dense_block(problem)
         lam = self.problem_thresholds(problem, sims)
-        kwargs = dict(
-            alpha=self.alpha,
-            beta=self.beta,
-            lam_pos=lam.pos,
-            lam_neg=lam.neg,
-            weighting=self.weighting,
-            epsilon=self.epsilon if problem.pairs is None else None,  # explicit pairs are used as given
-        )
-        return sims[:3], kwargs
+        epsilon = self.epsilon if problem.pairs is None else None  # explicit pairs are used as given
+        return sims, _blocks.MSParams(self.alpha, self.beta, lam.pos, lam.neg, self.weighting, epsilon)
 
     def _dense_terms(self, problem: MSProblem) -> F_ms.MSTerms:
-        block, kwargs = self._dense_inputs(problem)
-        return _blocks.dense_terms(*block, **kwargs)
+        sims, params = self._dense_inputs(problem)
+        return _blocks.dense_terms(sims.S, sims.pos, sims.neg, params)
 
     def problem_thresholds(self, problem: MSProblem, sims: Similarities) -> Thresholds:
         """Per-anchor :class:`Thresholds` ``(B,)`` in similarity orientation: ``base`` here.
@@ -403,8 +396,8 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
                 raise ValueError("pair_weights: ref_labels is required with ref_emb")
             ref_labels = ref_labels.to(ref_emb.device)
         problem = self.make_problem(embeddings, labels, None, ref_emb, ref_labels)
-        block, kwargs = self._dense_inputs(problem)
-        return _blocks.dense_pair_weights(*block, **kwargs)
+        sims, params = self._dense_inputs(problem)
+        return _blocks.dense_pair_weights(sims.S, sims.pos, sims.neg, params)
 
 
 class DenseSimilarities(NamedTuple):
