@@ -122,21 +122,45 @@ _INF = float("inf")
 class Block(NamedTuple):
     """A ``(B, M)`` block of similarities, split by side.
 
-    ``pa``/``pj``: anchor row and reference column of each positive pair
-    (``(P,)`` long); ``sp``: their similarities (``+inf`` once mined away);
-    ``Vn``: ``S`` on negative pairs, ``-inf`` elsewhere.
+    ``Vn``: ``S`` on negative pairs, ``-inf`` elsewhere. The positives come in
+    one of two layouts:
+
+    * *listed* (large blocks, where they are a handful per anchor): ``pa``/``pj``
+      the anchor row and reference column of each positive pair (``(P,)``
+      long) and ``sp`` their similarities (``+inf`` once mined away);
+    * *dense* (``pa = pj = None``): ``sp`` is ``(B, M)``, ``S`` on positive
+      pairs and ``+inf`` elsewhere -- no data-dependent shapes, so no host
+      synchronisation and nothing that stops ``torch.compile``.
+
+    Per-anchor quantities reach the pairs through :meth:`per_pair` and per-pair
+    ones are summed per anchor by :meth:`row_sum`, whatever the layout.
     """
 
-    pa: torch.Tensor
-    pj: torch.Tensor
+    pa: Optional[torch.Tensor]
+    pj: Optional[torch.Tensor]
     sp: torch.Tensor
     Vn: torch.Tensor
+
+    @property
+    def dense(self) -> bool:
+        return self.pa is None
 
     def kept_pos(self) -> torch.Tensor:
         return self.sp != _INF
 
     def kept_neg(self) -> torch.Tensor:
         return self.Vn != -_INF
+
+    def per_pair(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-anchor ``(B,)`` tensor, broadcast to the positive pairs' layout."""
+        return t[:, None] if self.pa is None else t[self.pa]
+
+    def row_sum(self, v: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` per-anchor sums of positive-pair values ``v`` (in ``sp``'s layout)."""
+        if self.pa is None:
+            return v.sum(1)
+        v = v.long() if v.dtype == torch.bool else v  # counts
+        return v.new_zeros(self.Vn.shape[0]).index_add_(0, self.pa, v)
 
 
 def same_label_pairs(labels: torch.Tensor, ref_labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -162,17 +186,30 @@ def block_from_labels(
     ref_labels: Optional[torch.Tensor] = None,
     self_index: Optional[torch.Tensor] = None,
     inplace: bool = False,
+    dense: bool = False,
 ) -> Block:
     """The :class:`Block` of ``S`` for label-defined pairs (see :func:`pair_masks`).
 
     ``self_index`` (``(B,)`` long, entries outside ``[0, M)`` meaning "none")
     names each anchor's own copy among the references: it is excluded from
     both sides. ``inplace=True`` writes ``Vn`` into ``S``'s storage (no autograd).
+    ``dense=True``: positives in the dense layout (no pair lists, no host
+    synchronisation).
     """
     if ref_labels is None:
         ref_labels = labels
         if self_index is None:
             self_index = torch.arange(len(labels), device=labels.device)
+    if dense:
+        eq = labels[:, None] == ref_labels[None, :]
+        if self_index is None:
+            pos, not_neg = eq, eq
+        else:  # an index outside [0, M) matches no column
+            own = torch.arange(S.shape[1], device=S.device) == self_index[:, None]
+            pos, not_neg = eq & ~own, eq | own
+        sp = S.masked_fill(~pos, _INF)
+        Vn = S.masked_fill_(not_neg, -_INF) if inplace else S.masked_fill(not_neg, -_INF)
+        return Block(None, None, sp, Vn)
     ea, ej = same_label_pairs(labels, ref_labels)
     pa, pj = ea, ej
     if self_index is not None:
@@ -182,25 +219,24 @@ def block_from_labels(
     minus_inf = torch.tensor(-_INF, dtype=S.dtype, device=S.device)
     Vn = S.index_put_((ea, ej), minus_inf) if inplace else S.index_put((ea, ej), minus_inf)
     if self_index is not None and S.shape[1]:  # a copy whose label differs (explicit self indices)
-        _exclude_own_copies_(Vn, self_index)
+        _exclude_own_copies_(Vn, self_index, -_INF)
     return Block(pa, pj, sp, Vn)
 
 
-def _exclude_own_copies_(Vn: torch.Tensor, self_index: torch.Tensor) -> None:
-    """``Vn[i, self_index[i]] = -inf`` where ``self_index[i]`` lies in ``[0, M)``
+def _exclude_own_copies_(V: torch.Tensor, self_index: torch.Tensor, fill: float) -> None:
+    """``V[i, self_index[i]] = fill`` where ``self_index[i]`` lies in ``[0, M)``
     (a gather and a scatter of ``B`` values; no data-dependent shapes)."""
-    M = Vn.shape[1]
-    rows = torch.arange(len(self_index), device=Vn.device)
+    M = V.shape[1]
+    rows = torch.arange(len(self_index), device=V.device)
     cols = self_index.clamp(0, M - 1)
     valid = (self_index >= 0) & (self_index < M)
-    current = Vn[rows, cols]
-    Vn[rows, cols] = current.masked_fill(valid, -_INF)
+    current = V[rows, cols]
+    V[rows, cols] = current.masked_fill(valid, fill)
 
 
 def block_from_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Block:
-    """The :class:`Block` of ``S`` for explicit ``(B, M)`` bool masks."""
-    pa, pj = pos.nonzero(as_tuple=True)
-    return Block(pa, pj, S[pa, pj], torch.where(neg, S, torch.tensor(-_INF, dtype=S.dtype, device=S.device)))
+    """The dense-layout :class:`Block` of ``S`` for explicit ``(B, M)`` bool masks."""
+    return Block(None, None, S.masked_fill(~pos, _INF), S.masked_fill(~neg, -_INF))
 
 
 class Hardest(NamedTuple):
@@ -219,9 +255,11 @@ def hardest(block: Block) -> Hardest:
     """The :class:`Hardest` pairs of a block."""
     B, M = block.Vn.shape
     init = torch.full((B,), _INF, dtype=block.sp.dtype, device=block.sp.device)
-    min_pos = init.scatter_reduce(0, block.pa, block.sp.detach(), "amin")
-    max_neg = block.Vn.detach().amax(1) if M else torch.full_like(init, -_INF)
-    return Hardest(min_pos, max_neg)
+    if not M:
+        return Hardest(init, torch.full_like(init, -_INF))
+    sp = block.sp.detach()
+    min_pos = sp.amin(1) if block.pa is None else init.scatter_reduce(0, block.pa, sp, "amin")
+    return Hardest(min_pos, block.Vn.detach().amax(1))
 
 
 class Kept(NamedTuple):
@@ -245,14 +283,15 @@ def kept_sides(hard: Hardest, epsilon: Optional[float]) -> Kept:
 
 
 def mine_(block: Block, epsilon: float, hard: Hardest) -> Block:
-    """The MS paper's hard-pair rule: ``Vn`` in place, ``sp`` anew.
+    """The MS paper's hard-pair rule: ``Vn`` in place, ``sp`` anew (or in place, dense).
 
     Keeps a positive when ``S - epsilon < max_neg`` and a negative when
     ``S + epsilon > min_pos``, with the hardest pairs of the unmined sets
     (possibly over more references than this block). The comparisons are those
     of PML's miner, in ``S``'s dtype, so the pair sets agree exactly.
     """
-    sp = block.sp.masked_fill((block.sp - epsilon) >= hard.max_neg[block.pa], _INF)
+    drop = (block.sp - epsilon) >= block.per_pair(hard.max_neg)
+    sp = block.sp.masked_fill_(drop, _INF) if block.dense else block.sp.masked_fill(drop, _INF)
     block.Vn.masked_fill_((block.Vn + epsilon) <= hard.min_pos[:, None], -_INF)
     return block._replace(sp=sp)
 
@@ -269,8 +308,11 @@ class MinedPairs(NamedTuple):
 def mined_pairs(block: Block, epsilon: float) -> MinedPairs:
     """The pairs the hard-pair rule keeps, as PML's ``(a1, p, a2, n)`` (``Vn`` is overwritten)."""
     block = mine_(block, epsilon, hardest(block))
-    kept = block.kept_pos()
     a2, n = block.kept_neg().nonzero(as_tuple=True)
+    if block.pa is None or block.pj is None:
+        a1, p = block.kept_pos().nonzero(as_tuple=True)
+        return MinedPairs(a1, p, a2, n)
+    kept = block.kept_pos()
     return MinedPairs(block.pa[kept], block.pj[kept], a2, n)
 
 
@@ -357,9 +399,9 @@ def side_shift(side: Side, hard: torch.Tensor, kept: torch.Tensor, weighting: We
     hard = hard.detach()
     zmax = side.coef * (hard - lam.detach())
     use = kept & (zmax > 0) if weighting.add_one else kept
-    # hard + (lam - lam) == hard exactly, and keeps the threshold's gradient
-    ref = torch.where(use, hard + (lam - lam.detach()), lam)
-    return Shift(ref, torch.where(use, zmax, torch.zeros_like(zmax)))
+    if torch.is_grad_enabled() and lam.requires_grad:
+        hard = hard + (lam - lam.detach())  # == hard exactly, and keeps the threshold's gradient
+    return Shift(torch.where(use, hard, lam), torch.where(use, zmax, 0.0))
 
 
 class PairTerms(NamedTuple):
@@ -480,15 +522,14 @@ def block_terms(
     if epsilon is not None:
         block = mine_(block, epsilon, hard)
     num = pair_counts(block) if counts else None
-    pos = side_terms(block.sp, side_pair.pos, shifts.pos, weighting, rows=block.pa)
+    pos = side_terms(block.sp, side_pair.pos, shifts.pos, weighting, rows=block.pa, inplace=inplace)
     neg = side_terms(block.Vn, side_pair.neg, shifts.neg, weighting, inplace=inplace)
     return BlockTerms(block, SidePair(pos, neg), shifts, num)
 
 
 def pair_counts(block: Block) -> SidePair:
     """Per-anchor numbers of kept positive and negative pairs, ``(B,)`` long each."""
-    B = block.Vn.shape[0]
-    return SidePair(torch.bincount(block.pa[block.kept_pos()], minlength=B), block.kept_neg().sum(1))
+    return SidePair(block.row_sum(block.kept_pos()), block.kept_neg().sum(1))
 
 
 class _DenseResult(NamedTuple):
@@ -516,10 +557,7 @@ def _dense(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, params: "MSPar
 def _weight_sums(res: _DenseResult, weighting: Weighting) -> SidePair:
     r = SidePair(None, None)
     if not weighting.log_sum_exp:
-        r = SidePair(
-            torch.zeros_like(res.losses.pos.scale).index_add(0, res.block.pa, res.terms.pos.R),
-            res.terms.neg.R.sum(1),
-        )
+        r = SidePair(res.block.row_sum(res.terms.pos.R), res.terms.neg.R.sum(1))
     return SidePair(
         *(weight_sum(t.acc, rs, sl.scale, weighting) for t, rs, sl in zip(res.terms, r, res.losses))
     )
@@ -549,11 +587,8 @@ def dense_pair_weights(
 ) -> PairWeights:
     """Dense :class:`PairWeights` of a block with masks."""
     res = _dense(S, pos, neg, params)
-    tp, tn = res.terms
-    w_pos = torch.zeros_like(tn.R).index_put_(
-        (res.block.pa, res.block.pj), tp.R * res.losses.pos.scale[res.block.pa]
-    )
-    return PairWeights(w_pos, tn.R * res.losses.neg.scale[:, None])
+    tp, tn = res.terms  # dense layout (block_from_masks): R is 0 off the kept pairs
+    return PairWeights(tp.R * res.losses.pos.scale[:, None], tn.R * res.losses.neg.scale[:, None])
 
 
 class RowSums(NamedTuple):
@@ -570,11 +605,13 @@ class RowSums(NamedTuple):
 
 def block_row_sums(block: Block) -> RowSums:
     """The :class:`RowSums` of a block's (unmined) pairs."""
-    B = block.Vn.shape[0]
-    sum_pos = torch.zeros(B, dtype=block.sp.dtype, device=block.sp.device).index_add(0, block.pa, block.sp)
-    count_pos = torch.bincount(block.pa, minlength=B)
-    kept = block.kept_neg()
-    return RowSums(sum_pos, count_pos, block.Vn.masked_fill(~kept, 0).sum(1), kept.sum(1))
+    kp, kn = block.kept_pos(), block.kept_neg()
+    return RowSums(
+        block.row_sum(block.sp.masked_fill(~kp, 0)),
+        block.row_sum(kp),
+        block.Vn.masked_fill(~kn, 0).sum(1),
+        kn.sum(1),
+    )
 
 
 def anchor_centres(sums: RowSums, default: float) -> torch.Tensor:

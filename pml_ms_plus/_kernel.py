@@ -49,11 +49,16 @@ def chunk_columns(num_anchors: int, chunk_size: Optional[int]) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, num_anchors))
 
 
+DENSE_ELEMENTS = 2**18  # blocks up to this many similarities hold their positives densely
+
+
 class BlockPlan(NamedTuple):
-    """How the references are split: ``cols`` per block, the first ``keep`` blocks kept."""
+    """How the references are split: ``cols`` per block, the first ``keep`` blocks kept;
+    ``dense``: the blocks hold their positives in the dense layout (see :class:`_blocks.Block`)."""
 
     cols: int
     keep: int
+    dense: bool = False
 
 
 def plan_blocks(
@@ -64,7 +69,10 @@ def plan_blocks(
     Without ``chunk_size``: one block of all references if it fits three times
     in the budget (itself and two working copies), else blocks of 1/8 of the
     budget or ``2**22`` similarities, whichever is smaller. Blocks are kept
-    while the kept ones and two working blocks fit.
+    while the kept ones and two working blocks fit. Blocks of at most
+    :data:`DENSE_ELEMENTS` similarities use the dense layout (a kept block then
+    holds two ``(B, cols)`` tensors, beside one working block; the listed
+    layout is cheaper beyond).
     """
     row = max(1, num_anchors) * itemsize  # bytes of one column of a block
     if chunk_size is not None:
@@ -76,8 +84,12 @@ def plan_blocks(
         cols = max(1, min(memory_budget // (8 * row), CHUNK_ELEMENTS // max(1, num_anchors)))
     cols = min(cols, max(1, num_refs))
     n_blocks = -(-num_refs // cols)
-    keep = max(0, (memory_budget - 2 * row * cols) // (row * cols))
-    return BlockPlan(cols, min(n_blocks, keep))
+    dense = max(1, num_anchors) * cols <= DENSE_ELEMENTS
+    # a kept block: Vn's terms, and sp's too when dense; working blocks beside them: two
+    # listed (S and a temporary), one dense (the dense layout works in place)
+    kept_copies, working_copies = (2, 1) if dense else (1, 2)
+    keep = max(0, (memory_budget - working_copies * row * cols) // (kept_copies * row * cols))
+    return BlockPlan(cols, min(n_blocks, keep), dense)
 
 
 class _Config(NamedTuple):
@@ -88,6 +100,12 @@ class _Config(NamedTuple):
     cols: int
     keep: int  # the first `keep` blocks are kept between forward and backward
     counts: bool
+    dense: bool  # the dense layout of the positives
+
+    @property
+    def kept_outputs(self) -> int:
+        """Output tensors per kept block: ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed."""
+        return 2 if self.dense else 4
 
 
 class _Problem(NamedTuple):
@@ -109,7 +127,9 @@ class _Problem(NamedTuple):
             A.mul_(self.ref_scale[c0 : c0 + A.shape[1]])
         return A
 
-    def block(self, c0: int, cols: int, out: Optional[torch.Tensor] = None) -> _blocks.Block:
+    def block(
+        self, c0: int, cols: int, out: Optional[torch.Tensor] = None, dense: bool = False
+    ) -> _blocks.Block:
         """The :class:`_blocks.Block` of references ``[c0, c0 + cols)`` (no autograd).
 
         ``out``: a ``(B, cols)`` buffer to compute it in (a block that is not kept:
@@ -120,7 +140,7 @@ class _Problem(NamedTuple):
             out = None  # the last, narrower block
         S = self.scale_columns_(torch.matmul(self.x, y_blk.T, out=out), c0)
         return _blocks.block_from_labels(
-            S, self.labels, self.ref_labels[c0 : c0 + cols], self.self_index - c0, inplace=True
+            S, self.labels, self.ref_labels[c0 : c0 + cols], self.self_index - c0, inplace=True, dense=dense
         )
 
     def dense_similarities(self) -> torch.Tensor:
@@ -137,7 +157,7 @@ def _hardest_pass(
     hard = None
     kept: List[_blocks.Block] = []
     for k, c0 in enumerate(problem.starts(cfg.cols)):
-        block = problem.block(c0, cfg.cols, out=None if k < cfg.keep else buffer)
+        block = problem.block(c0, cfg.cols, out=None if k < cfg.keep else buffer, dense=cfg.dense)
         if k < cfg.keep:
             kept.append(block)
         part = _blocks.hardest(block)
@@ -155,20 +175,49 @@ def _working_buffer(problem: _Problem, cfg: _Config) -> Optional[torch.Tensor]:
 
 
 class _Sums(NamedTuple):
-    """Per-anchor sums over all blocks, per side (:class:`_blocks.SidePair` of ``(B,)``)."""
+    """Per-anchor sums over the blocks, per side (:class:`_blocks.SidePair` of ``(B,)``)."""
 
     acc: _blocks.SidePair  # sum of the side's loss terms
-    counts: _blocks.SidePair  # kept pairs
-    r_sum: _blocks.SidePair  # sum of R (needed for "self" only: its weights are not acc)
+    counts: Optional[_blocks.SidePair]  # kept pairs (when counted)
+    r_sum: Optional[_blocks.SidePair]  # sum of R (for "self" only: its weights are not acc)
+
+    @staticmethod
+    def of_block(bt: _blocks.BlockTerms, weighting: _blocks.Weighting) -> "_Sums":
+        r_sum = None
+        if not weighting.log_sum_exp:
+            r_sum = _blocks.SidePair(bt.block.row_sum(bt.terms.pos.R), bt.terms.neg.R.sum(1))
+        return _Sums(_blocks.SidePair(bt.terms.pos.acc, bt.terms.neg.acc), bt.counts, r_sum)
+
+    def merge(self, other: "_Sums") -> "_Sums":
+        """The sums over the blocks of both."""
+
+        def add(a: Optional[_blocks.SidePair], b: Optional[_blocks.SidePair]) -> Optional[_blocks.SidePair]:
+            return None if a is None or b is None else _blocks.SidePair(a.pos + b.pos, a.neg + b.neg)
+
+        acc = add(self.acc, other.acc)
+        assert acc is not None
+        return _Sums(acc, add(self.counts, other.counts), add(self.r_sum, other.r_sum))
 
 
 class _Kept(NamedTuple):
-    """A kept block's terms, held between forward and backward."""
+    """A kept block's terms, held between forward and backward (``pa``/``pj``:
+    ``None`` in the dense layout)."""
 
-    pa: torch.Tensor
-    pj: torch.Tensor
+    pa: Optional[torch.Tensor]
+    pj: Optional[torch.Tensor]
     Rp: torch.Tensor
     Rn: torch.Tensor
+
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        return tuple(t for t in self if t is not None)
+
+    @staticmethod
+    def from_tensors(ts: Tuple[torch.Tensor, ...]) -> "_Kept":
+        return _Kept(None, None, *ts) if len(ts) == 2 else _Kept(*ts)
+
+    def block(self) -> _blocks.Block:
+        """The layout of the block these terms came from (``Rp`` in the place of ``sp``)."""
+        return _blocks.Block(self.pa, self.pj, self.Rp, self.Rn)
 
 
 def _accumulate(
@@ -181,32 +230,25 @@ def _accumulate(
     buffer: Optional[torch.Tensor],
 ) -> Tuple[_Sums, List[_Kept]]:
     """Step 2: mine each block and add up both sides' terms."""
-    B = problem.x.shape[0]
-    dev, dt = problem.x.device, problem.x.dtype
-
-    def zeros(dtype: torch.dtype = dt) -> _blocks.SidePair:
-        return _blocks.SidePair(
-            torch.zeros(B, dtype=dtype, device=dev), torch.zeros(B, dtype=dtype, device=dev)
-        )
-
-    sums = _Sums(acc=zeros(), counts=zeros(torch.long), r_sum=zeros())
+    sums: Optional[_Sums] = None
     kept: List[_Kept] = []
-    w = cfg.weighting
     for k, c0 in enumerate(problem.starts(cfg.cols)):
-        blk = blocks[k] if k < len(blocks) else problem.block(c0, cfg.cols, out=buffer)
+        blk = blocks[k] if k < len(blocks) else problem.block(c0, cfg.cols, out=buffer, dense=cfg.dense)
         bt = _blocks.block_terms(
-            blk, side_pair, shifts, hard, weighting=w, epsilon=cfg.epsilon, inplace=True, counts=cfg.counts
+            blk,
+            side_pair,
+            shifts,
+            hard,
+            weighting=cfg.weighting,
+            epsilon=cfg.epsilon,
+            inplace=True,
+            counts=cfg.counts,
         )
-        sums.acc.pos.add_(bt.terms.pos.acc)
-        sums.acc.neg.add_(bt.terms.neg.acc)
-        if bt.counts is not None:
-            sums.counts.pos.add_(bt.counts.pos)
-            sums.counts.neg.add_(bt.counts.neg)
-        if not w.log_sum_exp:  # "self": its weights (sigmoids) are not acc
-            sums.r_sum.pos.index_add_(0, bt.block.pa, bt.terms.pos.R)
-            sums.r_sum.neg.add_(bt.terms.neg.R.sum(1))
+        part = _Sums.of_block(bt, cfg.weighting)
+        sums = part if sums is None else sums.merge(part)
         if k < len(blocks):
             kept.append(_Kept(bt.block.pa, bt.block.pj, bt.terms.pos.R, bt.terms.neg.R))
+    assert sums is not None, "no references"
     return sums, kept
 
 
@@ -218,13 +260,16 @@ def _finish(
     side_losses = _blocks.SidePair(
         *(_blocks.side_finish(a, sh, s.coef, w) for a, sh, s in zip(sums.acc, shifts, side_pair))
     )
+    r_sums = sums.r_sum or _blocks.SidePair(None, None)
     wsums = _blocks.SidePair(
-        *(_blocks.weight_sum(a, r, sl.scale, w) for a, r, sl in zip(sums.acc, sums.r_sum, side_losses))
+        *(_blocks.weight_sum(a, r, sl.scale, w) for a, r, sl in zip(sums.acc, r_sums, side_losses))
     )
     return side_losses, wsums
 
 
-_FIXED_OUTPUTS = 9  # losses, 2 counts, 2 weight sums, 2 hardest, 2 scales; then 4 per kept block
+# losses, 2 counts, 2 weight sums; saved for the backward: 2 hardest, 2 scales, 2 shifts (ref and
+# shift each); then the kept blocks' tensors (_Config.kept_outputs each)
+_FIXED_OUTPUTS = 13
 
 
 class _FusedMS(torch.autograd.Function):
@@ -240,10 +285,14 @@ class _FusedMS(torch.autograd.Function):
     (``cfg.keep`` blocks, see :func:`plan_blocks`).
 
     Bookkeeping, owned here: ``setup_context`` saves the inputs, the hardest
-    pairs and the scales with ``save_for_backward``. The kept blocks are held on
-    ``ctx.kept`` (not saved: the backward builds each gradient block in ``Rn``'s
-    storage, which autograd's version check would refuse) and are consumed by
-    the first backward; a second backward (``retain_graph``) recomputes them.
+    pairs, the scales and the shifts with ``save_for_backward``. Kept blocks in
+    the listed layout (large) are held on ``ctx.kept`` (not saved: the backward
+    builds each gradient block in ``Rn``'s storage, which autograd's version
+    check would refuse) and are consumed by the first backward; a second
+    backward (``retain_graph``) recomputes them. Kept blocks in the dense layout
+    (small) are saved and left intact (the gradient block is a new tensor), so
+    that nothing but saved tensors crosses from forward to backward there:
+    what ``torch.compile`` needs to trace the small-batch path as one graph.
     """
 
     @staticmethod
@@ -266,17 +315,26 @@ class _FusedMS(torch.autograd.Function):
             shifts = _blocks.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
             sums, kept = _accumulate(problem, cfg, side_pair, shifts, hard, blocks, buffer)
             side_losses, wsums = _finish(cfg, side_pair, shifts, sums)
+        losses = side_losses.pos.loss + side_losses.neg.loss
+        if sums.counts is None:  # not counted: zeros (two tensors: outputs must be distinct)
+            counts = _blocks.SidePair(
+                *(torch.zeros(x.shape[0], dtype=torch.long, device=x.device) for _ in "pn")
+            )
+        else:
+            counts = sums.counts
         return (
-            side_losses.pos.loss + side_losses.neg.loss,
-            sums.counts.pos,
-            sums.counts.neg,
+            losses,
+            counts.pos,
+            counts.neg,
             wsums.pos,
             wsums.neg,
             hard.min_pos,
             hard.max_neg,
             side_losses.pos.scale,
             side_losses.neg.scale,
-            *(t for k in kept for t in k),
+            *_outputs(shifts.pos, lam_pos, lam_neg),
+            *_outputs(shifts.neg, lam_pos, lam_neg),
+            *(t for k in kept for t in k.tensors()),
         )
 
     @staticmethod
@@ -285,9 +343,24 @@ class _FusedMS(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.has_ref_scale = ref_scale is not None
         extra = (ref_scale,) if ref_scale is not None else ()
-        ctx.save_for_backward(x, y, lam_pos, lam_neg, labels, ref_labels, self_index, *output[5:9], *extra)
         flat = output[_FIXED_OUTPUTS:]
-        ctx.kept = [_Kept(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
+        # dense kept blocks (small) are saved, and left intact by the backward; listed ones
+        # (large) are held on ctx and become the gradient blocks in place (see the class doc)
+        saved_kept = flat if cfg.dense else ()
+        ctx.save_for_backward(
+            x,
+            y,
+            lam_pos,
+            lam_neg,
+            labels,
+            ref_labels,
+            self_index,
+            *output[5:_FIXED_OUTPUTS],
+            *extra,
+            *saved_kept,
+        )
+        n = cfg.kept_outputs
+        ctx.kept = [] if cfg.dense else [_Kept.from_tensors(flat[i : i + n]) for i in range(0, len(flat), n)]
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zero gradients the size of the kept blocks
 
@@ -296,12 +369,16 @@ class _FusedMS(torch.autograd.Function):
         saved = ctx.saved_tensors
         if g is None:  # the losses were not used: nothing flows back
             return (None,) * 9
-        x, y, lam_pos, lam_neg, labels, ref_labels, self_index, min_pos, max_neg, scale_p, scale_n = saved[
-            :11
-        ]
-        ref_scale = saved[11] if ctx.has_ref_scale else None
-        cfg, kept = ctx.cfg, ctx.kept
-        ctx.kept = []  # consumed: a second backward (retain_graph) recomputes the blocks
+        x, y, lam_pos, lam_neg, labels, ref_labels, self_index = saved[:7]
+        min_pos, max_neg, scale_p, scale_n, ref_p, shift_p, ref_n, shift_n = saved[7:15]
+        ref_scale = saved[15] if ctx.has_ref_scale else None
+        cfg = ctx.cfg
+        if cfg.dense:  # saved, not to be overwritten
+            flat = saved[15 + ctx.has_ref_scale :]
+            kept = [_Kept.from_tensors(flat[i : i + 2]) for i in range(0, len(flat), 2)]
+        else:
+            kept = ctx.kept
+            ctx.kept = []  # consumed: a second backward (retain_graph) recomputes the blocks
         problem = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
         needs = ctx.needs_input_grad[:4]
         if needs[1] and ref_scale is not None:
@@ -312,7 +389,7 @@ class _FusedMS(torch.autograd.Function):
             g = g.to(x.dtype)
             hard = _blocks.Hardest(min_pos, max_neg)
             side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
-            shifts = _blocks.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
+            shifts = _blocks.SidePair(_blocks.Shift(ref_p, shift_p), _blocks.Shift(ref_n, shift_n))
             a_pos, a_neg = g * scale_p, g * scale_n  # w = R * scale, times the upstream grad
             dx = torch.zeros_like(x) if needs[0] else None
             dy = torch.zeros_like(y) if needs[1] else None
@@ -321,11 +398,12 @@ class _FusedMS(torch.autograd.Function):
             n_blocks = len(problem.starts(cfg.cols))
             buffer = x.new_empty((x.shape[0], cfg.cols)) if len(kept) < n_blocks else None
             for k, c0 in enumerate(problem.starts(cfg.cols)):
+                in_place = k >= len(kept) or not cfg.dense  # a saved block stays intact
                 if k < len(kept):
-                    pa, pj, Rp, Rn = kept[k]
+                    terms = kept[k]
                 else:
                     bt = _blocks.block_terms(
-                        problem.block(c0, cfg.cols, out=buffer),
+                        problem.block(c0, cfg.cols, out=buffer, dense=cfg.dense),
                         side_pair,
                         shifts,
                         hard,
@@ -333,13 +411,18 @@ class _FusedMS(torch.autograd.Function):
                         epsilon=cfg.epsilon,
                         inplace=True,
                     )
-                    pa, pj, Rp, Rn = bt.block.pa, bt.block.pj, bt.terms.pos.R, bt.terms.neg.R
+                    terms = _Kept(bt.block.pa, bt.block.pj, bt.terms.pos.R, bt.terms.neg.R)
+                blk, Rp, Rn = terms.block(), terms.Rp, terms.Rn
                 if needs[2]:
-                    sum_rp.index_add_(0, pa, Rp)
+                    sum_rp += blk.row_sum(Rp)
                 if needs[3]:
                     sum_rn += Rn.sum(1)
-                G = Rn.mul_(a_neg[:, None])  # dL/dS = w_neg - w_pos; positives are 0 in Rn
-                G.index_put_((pa, pj), -Rp * a_pos[pa], accumulate=True)
+                # dL/dS = w_neg - w_pos; the positives are 0 in Rn, and Rp (dense) off them
+                G = Rn.mul_(a_neg[:, None]) if in_place else Rn * a_neg[:, None]
+                if blk.pa is None:
+                    G.sub_(Rp * a_pos[:, None])
+                else:
+                    G.index_put_((blk.pa, blk.pj), -Rp * a_pos[blk.pa], accumulate=True)
                 c1 = c0 + G.shape[1]
                 if dx is not None:
                     dx.addmm_(problem.scale_columns_(G, c0), y[c0:c1])
@@ -426,12 +509,28 @@ def ms_terms_fused(
         return _blocks.MSTerms(zero, none, none, zero.detach(), zero.detach())
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     plan = plan_blocks(B, y.shape[0], x.element_size(), chunk_size, budget)
-    cfg = _Config(float(alpha), float(beta), epsilon, w, plan.cols, plan.keep, counts)
+    cfg = _Config(float(alpha), float(beta), epsilon, w, plan.cols, plan.keep, counts, plan.dense)
     ref_scale = _inverse_norms(y, ref_norm_p)
-    out = _FusedMS.apply(
-        x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index, cfg, ref_scale
-    )
+    inputs = _distinct(x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index)
+    out = _FusedMS.apply(*inputs, cfg, ref_scale)
     return _blocks.MSTerms(*out[:5])
+
+
+def _outputs(shift: _blocks.Shift, *inputs: torch.Tensor) -> _blocks.Shift:
+    """A :class:`_blocks.Shift` to return from the Function: its reference level may be a
+    threshold input itself ("self"), and an input cannot be an output too."""
+    ref = shift.ref.clone() if any(shift.ref is t for t in inputs) else shift.ref
+    return _blocks.Shift(ref, shift.shift)
+
+
+def _distinct(*tensors: torch.Tensor) -> List[torch.Tensor]:
+    """The tensors, a repeated one (in-batch ``y is x``, ``ref_labels is labels``, one
+    threshold tensor for both sides) as a view: each input of the autograd Function its
+    own tensor, which ``torch.compile`` requires (gradients reach the original through the view)."""
+    seen: List[torch.Tensor] = []
+    for t in tensors:
+        seen.append(t.view_as(t) if any(t is s for s in seen) else t)
+    return seen
 
 
 @torch.no_grad()

@@ -9,6 +9,13 @@ from pml_ms_plus import _blocks, _kernel, losses
 from pml_ms_plus import functional as F_ms
 
 
+@pytest.fixture(params=["dense", "listed"])
+def layout(request, monkeypatch):
+    """Both layouts of a block's positives (see ``_blocks.Block``) on the same small problems."""
+    monkeypatch.setattr(_kernel, "DENSE_ELEMENTS", 2**62 if request.param == "dense" else 0)
+    return request.param
+
+
 def dense_and_fused(device, weighting, epsilon, chunk_size, self_copies, seed=0, n=24, m=37, budget=None):
     x, y = make_batch(seed, n=n, dim=8, classes=5, device=device, dtype=torch.float64)
     ref, ref_y = make_batch(seed + 1, n=m, dim=8, classes=5, device=device, dtype=torch.float64)
@@ -43,7 +50,7 @@ def dense_and_fused(device, weighting, epsilon, chunk_size, self_copies, seed=0,
 @pytest.mark.parametrize("epsilon", [None, 0.1])
 @pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
 @pytest.mark.parametrize("self_copies", [False, True])
-def test_fused_equals_dense(device, chunk_size, epsilon, weighting, self_copies):
+def test_fused_equals_dense(device, layout, chunk_size, epsilon, weighting, self_copies):
     dense, g_dense, fused, g_fused = dense_and_fused(device, weighting, epsilon, chunk_size, self_copies)
     for a, b in zip(fused, dense):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-8)
@@ -61,7 +68,7 @@ def test_fused_equals_dense(device, chunk_size, epsilon, weighting, self_copies)
     ],
 )
 @pytest.mark.parametrize("chunk_size, budget", [(None, None), (1, None), (7, None), (None, 0), (7, 0)])
-def test_loss_fast_path_equals_general_path(device, reducer, chunk_size, budget):
+def test_loss_fast_path_equals_general_path(device, layout, reducer, chunk_size, budget):
     x, y = make_batch(4, n=40, device=device, dtype=torch.float32)
     ref, ref_y = make_batch(5, n=33, device=device, dtype=torch.float32)
     for ref_args in ((), (ref, ref_y)):
@@ -92,7 +99,7 @@ BUDGETS = {  # (chunk_size, memory_budget): what the plan does with the 37 refer
 @pytest.mark.parametrize("case", list(BUDGETS))
 @pytest.mark.parametrize("epsilon", [None, 0.1])
 @pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
-def test_fused_equals_dense_over_budgets(device, case, epsilon, weighting):
+def test_fused_equals_dense_over_budgets(device, layout, case, epsilon, weighting):
     chunk_size, budget = BUDGETS[case]
     dense, g_dense, fused, g_fused = dense_and_fused(
         device, weighting, epsilon, chunk_size, self_copies=True, budget=budget
@@ -110,7 +117,9 @@ def test_block_plans_stay_inside_the_budget(B, M, budget):
     block = 4 * B * plan.cols
     n_blocks = -(-M // plan.cols)
     assert 1 <= plan.cols <= M and 0 <= plan.keep <= n_blocks
-    assert plan.keep == 0 or (plan.keep + 2) * block <= budget  # kept blocks beside two working ones
+    assert plan.dense == (B * plan.cols <= _kernel.DENSE_ELEMENTS)
+    kept, working = (2, 1) if plan.dense else (1, 2)  # block copies: per kept block, working ones
+    assert plan.keep == 0 or (kept * plan.keep + working) * block <= budget
     if 3 * 4 * B * M <= budget:
         assert (plan.cols, plan.keep) == (M, 1)  # the whole block, computed once
     elif plan.cols > 1:
@@ -130,7 +139,7 @@ def test_chunk_columns():
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 6])
-def test_references_normalised_block_by_block(device, chunk_size):
+def test_references_normalised_block_by_block(device, layout, chunk_size):
     x, y = make_batch(8, n=20, dim=8, device=device, dtype=torch.float64)
     ref, ref_y = make_batch(9, n=30, dim=8, device=device, dtype=torch.float64, requires_grad=False)
     xn = torch.nn.functional.normalize(x, dim=1)
@@ -147,7 +156,7 @@ def test_references_normalised_block_by_block(device, chunk_size):
     torch.testing.assert_close(g_on_the_fly, g_upfront)
 
 
-def test_second_backward_recomputes_the_kept_block(device):
+def test_second_backward_recomputes_the_kept_block(device, layout):
     x, y = make_batch(12, n=32, device=device, dtype=torch.float64)
     value = losses.MSLoss(epsilon=0.1)(x, y)
     (first,) = torch.autograd.grad(value, x, retain_graph=True)
@@ -163,3 +172,43 @@ def test_same_label_pairs_equal_the_dense_comparison(device, seed):
     rows, cols = _blocks.same_label_pairs(labels, ref_labels)
     expected = (labels[:, None] == ref_labels[None, :]).nonzero(as_tuple=True)
     assert torch.equal(rows, expected[0]) and torch.equal(cols, expected[1])
+
+
+# ------------------------------------------------ the small-batch path: no host synchronisation
+SMALL_BATCH_LOSSES = {
+    "ms, mining": dict(epsilon=0.1),
+    "ms": dict(),
+    "self, mining": dict(epsilon=0.1, weighting="self"),
+    "relative, mining": dict(epsilon=0.1, weighting="relative"),
+}
+
+
+@pytest.mark.parametrize("case", list(SMALL_BATCH_LOSSES))
+def test_small_batch_path_traces_as_one_graph(case):
+    """``torch.compile(fullgraph=True)`` refuses any graph break: a host synchronisation
+    (``.item()``, ``bool(t)``, ``nonzero``, data-dependent shapes) or a Python value
+    read from a tensor anywhere in the loss's forward or in its fused backward. The
+    finite check is such a read, by design, and is switched off here."""
+    loss = losses.MSLoss(check_finite=False, **SMALL_BATCH_LOSSES[case])
+    x, y = make_batch(21, n=32, dim=16, classes=8)
+    compiled = torch.compile(lambda e, t: loss(e, t), backend="eager", fullgraph=True)
+    value = compiled(x, y)
+    (grad,) = torch.autograd.grad(value, x)
+    expected = losses.MSLoss(check_finite=False, fused=False, **SMALL_BATCH_LOSSES[case])(x, y)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(value, expected, **tol(torch.float32))
+    torch.testing.assert_close(grad, expected_grad, **tol(torch.float32))
+
+
+def test_small_batch_path_does_not_synchronise_with_the_host(device):
+    if device.type != "cuda":
+        pytest.skip("torch.cuda.set_sync_debug_mode exists on CUDA only (the CPU proof is the graph test)")
+    loss = losses.MSLoss(epsilon=0.1, check_finite=False)
+    x, y = make_batch(22, n=64, dim=32, classes=8, device=device)
+    loss(x, y).backward()  # warm-up: lazy initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss(x, y).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
