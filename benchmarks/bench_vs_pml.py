@@ -9,7 +9,9 @@ Cases (dimension 512, float32, 4 samples per class in each batch):
     ours ``CrossBatchMemory(MSLoss(epsilon=0.1), 512, M)`` against PML's
     ``CrossBatchMemory(MultiSimilarityLoss(), 512, M, miner=MultiSimilarityMiner(0.1))``;
     ours alone at 262,144 and 1,048,576;
-  * the floor of each case: the batch x reference matrix product and its backward alone.
+  * the floor of each case: the batch x reference matrix product and its backward alone;
+  * in-batch B=32 / 128 / 512 also compiled: ``torch.compile(MSLoss(epsilon=0.1))`` (inductor;
+    the finite check splits it in two graphs), with the one-time compile time of its first step.
 
 Time: the median of repeated steps after a warm-up, the two implementations
 interleaved step by step. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``
@@ -48,9 +50,9 @@ def cases(tiny: bool):
             ),
         ]
     return [
-        dict(name="in-batch B=32", kind="batch", batch=32, reps=60),
-        dict(name="in-batch B=128", kind="batch", batch=128, reps=30),
-        dict(name="in-batch B=512", kind="batch", batch=512, reps=15),
+        dict(name="in-batch B=32", kind="batch", batch=32, reps=60, compiled=True),
+        dict(name="in-batch B=128", kind="batch", batch=128, reps=30, compiled=True),
+        dict(name="in-batch B=512", kind="batch", batch=512, reps=15, compiled=True),
         dict(name="in-batch B=2048", kind="batch", batch=2048, reps=5),
         dict(name="in-batch B=4096", kind="batch", batch=4096, reps=3),
         dict(name="memory B=256 M=4,096", kind="memory", batch=256, memory=4096, reps=15),
@@ -98,8 +100,10 @@ def make_step(case, impl, device):
 
             def run():
                 loss(x, y, miner(x, y)).backward()
-        elif impl == "ours":
+        elif impl in ("ours", "compiled"):
             ours = losses.MSLoss(epsilon=0.1)
+            if impl == "compiled":
+                ours = torch.compile(ours)
 
             def run():
                 ours(x, y).backward()
@@ -146,10 +150,14 @@ def sync(device):
 
 
 def time_case(case, device, impls):
+    """Median ms per implementation, and the first (warm-up) step's seconds of each."""
     steps = {impl: make_step(case, impl, device) for impl in impls}
-    for run in steps.values():  # warm-up
+    first = {}
+    for impl, run in steps.items():  # warm-up (for "compiled": the compilation)
+        t0 = time.perf_counter()
         run()
-    sync(device)
+        sync(device)
+        first[impl] = time.perf_counter() - t0
     times = {impl: [] for impl in impls}
     for _ in range(case["reps"]):
         for impl, run in steps.items():  # interleaved
@@ -157,7 +165,7 @@ def time_case(case, device, impls):
             run()
             sync(device)
             times[impl].append((time.perf_counter() - t0) * 1000)
-    return {impl: statistics.median(v) for impl, v in times.items()}
+    return {impl: statistics.median(v) for impl, v in times.items()}, first
 
 
 def _rss_kb(field):
@@ -213,15 +221,23 @@ def to_markdown(rows, meta):
         f"Machine: {meta['machine']}; torch {meta['torch']}, PML {meta['pml']}, device {meta['device']}, "
         f"{meta['threads']} threads, {meta['date']}.",
         "",
-        "| case | PML ms | ours ms | speed-up | PML MB | ours MB | ours / floor |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| case | PML ms | ours ms | speed-up | PML MB | ours MB | ours / floor "
+        "| compiled ms (speed-up, compile s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def ratio(a, b):
+        return "–" if a is None or b is None else f"{a / b:.1f}×"
+
     for r in rows:
-        speed = None if r["pml_ms"] is None else r["pml_ms"] / r["ours_ms"]
+        compiled = "–"
+        if r.get("compiled_ms") is not None:
+            compiled = (
+                f"{fmt(r['compiled_ms'])} ({ratio(r['pml_ms'], r['compiled_ms'])}, {r['compile_s']:.0f} s)"
+            )
         lines.append(
-            f"| {r['case']} | {fmt(r['pml_ms'])} | {fmt(r['ours_ms'])} | "
-            f"{'–' if speed is None else f'{speed:.1f}×'} | {fmt(r['pml_mb'], 0)} | {fmt(r['ours_mb'], 0)} | "
-            f"{r['ours_ms'] / r['floor_ms']:.2f} |"
+            f"| {r['case']} | {fmt(r['pml_ms'])} | {fmt(r['ours_ms'])} | {ratio(r['pml_ms'], r['ours_ms'])} "
+            f"| {fmt(r['pml_mb'], 0)} | {fmt(r['ours_mb'], 0)} | {r['ours_ms'] / r['floor_ms']:.2f} | {compiled} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -232,6 +248,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that the script runs")
     parser.add_argument("--only", default=None, help="run only the cases whose name contains this text")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--peak-of", nargs=2, metavar=("CASE_JSON", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -259,12 +276,16 @@ def main(argv=None):
         if args.only and args.only not in case["name"]:
             continue
         impls = (["pml"] if case.get("pml", True) else []) + ["ours", "floor"]
-        ms = time_case(case, device, impls)
+        if case.get("compiled") and not args.no_compile:
+            impls.append("compiled")
+        ms, first = time_case(case, device, impls)
         row = dict(
             case=case["name"],
             pml_ms=ms.get("pml"),
             ours_ms=ms["ours"],
             floor_ms=ms["floor"],
+            compiled_ms=ms.get("compiled"),
+            compile_s=first.get("compiled"),
             pml_mb=peak_memory(case, "pml", device) if "pml" in impls else None,
             ours_mb=peak_memory(case, "ours", device),
         )

@@ -26,11 +26,13 @@ of the anchor loss with respect to the pair's similarity: ``exp(z_ij - lse_i)``
 for ``"ms"``/``"relative"`` and ``sigmoid(z_ij)`` for ``"self"``. Hence
 ``dL_i/dS_ij = w_neg_ij - w_pos_ij``.
 
-Representation: a block of similarities is a :class:`Block`: the positive
-pairs as a list (they are few: a handful per anchor) and the negatives as a
-dense value matrix ``Vn`` (``S`` on negative pairs, ``-inf`` elsewhere). An
-excluded pair then has the exponent ``-inf`` (``exp = 0``), so masking and
-mining are fills, done in place where no gradient needs the old values.
+Representation: a block of similarities is a :class:`Block`: the negatives as
+a dense value matrix ``Vn`` (``S`` on negative pairs, ``-inf`` elsewhere), the
+positives either as a list (large blocks: they are a handful per anchor) or as
+a dense matrix ``S`` / ``+inf`` (small blocks, and the dense path: no
+data-dependent shapes). An excluded pair then has the exponent ``-inf``
+(``exp = 0``), so masking and mining are fills, done in place where no
+gradient needs the old values.
 
 Log-sum-exps are shifted by each side's true maximum exponent over its kept
 pairs, which the *hardest* pair gives (the smallest positive and the largest
