@@ -1,4 +1,11 @@
-"""CrossBatchMemory under torch.distributed: 2 CPU processes on gloo."""
+"""torch.distributed, 2 CPU processes on gloo (one spawn for the module), against one process.
+
+* ``CrossBatchMemory``: identical memories on every rank, each rank's loss over its own anchors,
+  the in-batch term against every rank's batch, learned thresholds averaged;
+* ``GatheredMSLoss`` under DDP: losses, model gradients and threshold gradients step by step;
+* PML's ``DistributedLossWrapper`` (and miner wrapper) as ``pml-ms-plus ablate`` applies it,
+  a loss's own parameters (ProxyAnchor's proxies) scaled back to the single-process gradient.
+"""
 
 import os
 import tempfile
@@ -7,10 +14,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.reducers import AvgNonZeroReducer
 
 from pml_ms_plus import losses
+from pml_ms_plus.losses import GatheredMSLoss
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
 WORLD, LOCAL, DIM, MEMORY, STEPS = 2, 12, 8, 40, 5
+# the DDP cases: a linear model IN -> EMB trained for DDP_STEPS steps on batches of WORLD x DDP_LOCAL
+DDP_LOCAL, IN, EMB, CLASSES, DDP_STEPS = 10, 6, 5, 4, 3
 
 
 def full_batch(step):
@@ -18,6 +34,103 @@ def full_batch(step):
     # classes come in pairs inside each rank's half, so every anchor has a true positive
     labels = torch.cat([torch.arange(LOCAL) // 2 + 10 * r + step % 3 for r in range(WORLD)]) % 9
     return torch.randn(WORLD * LOCAL, DIM, generator=g, dtype=torch.float64), labels
+
+
+def make_learned_memory():
+    inner = losses.AdaptiveMSLoss(epsilon=0.1, margin_mode="learned", num_classes=9, margin=0.05)
+    return losses.CrossBatchMemory(
+        inner, DIM, memory_size=MEMORY, start_iteration=2, batch_weight=1.0
+    ).double()
+
+
+def ddp_cases():
+    """name -> a fresh MS-family loss for GatheredMSLoss (the same construction on both sides)."""
+    return {
+        "fused": lambda: losses.MSLoss(epsilon=0.1),
+        "dense": lambda: losses.MSLoss(epsilon=0.1, distance=LpDistance(), base=1.0, fused=False),
+        "learned": lambda: losses.AdaptiveMSLoss(
+            epsilon=0.1, margin_mode="learned", num_classes=CLASSES, margin=0.05
+        ),
+        "anchor": lambda: losses.AdaptiveMSLoss(margin_mode="anchor"),
+        "avg-nonzero": lambda: losses.MSLoss(reducer=AvgNonZeroReducer()),
+    }
+
+
+PML_CASES = {  # name -> (loss, miner): through PML's wrappers, as the ablation distributes them
+    "pml-contrastive": lambda: (pml_losses.ContrastiveLoss(), None),
+    "pml-ms+miner": lambda: (pml_losses.MultiSimilarityLoss(), pml_miners.MultiSimilarityMiner(0.1)),
+    "pml-proxyanchor": lambda: (pml_losses.ProxyAnchorLoss(CLASSES, EMB), None),
+}
+
+
+def ddp_batch(step):
+    g = torch.Generator().manual_seed(500 + step)
+    x = torch.randn(WORLD * DDP_LOCAL, IN, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, CLASSES, (WORLD * DDP_LOCAL,), generator=g)
+
+
+def make_model():
+    torch.manual_seed(7)
+    return torch.nn.Linear(IN, EMB).double()
+
+
+def train_steps(model, loss_fn, local=None, miner=None, loss_params=None, after_backward=None, scale=1.0):
+    """DDP_STEPS steps of SGD; per step the loss (divided by ``scale``) and the gradients of the
+    model and of the loss's own parameters, before the update."""
+    loss_params = list(loss_fn.parameters()) if loss_params is None else loss_params
+    params = list(model.parameters()) + loss_params
+    opt = torch.optim.SGD(params, lr=0.5)
+    records = []
+    for step in range(DDP_STEPS):
+        x, y = ddp_batch(step)
+        if local is not None:
+            x, y = x[local], y[local]
+        opt.zero_grad()
+        emb = model(x)
+        value = loss_fn(emb, y, miner(emb, y)) if miner is not None else loss_fn(emb, y)
+        value.backward()
+        if after_backward is not None:
+            after_backward()
+        records.append(dict(loss=value.detach() / scale, grads=[p.grad.clone() for p in params]))
+        opt.step()
+    return records
+
+
+def ddp_worker(rank):
+    """GatheredMSLoss and PML's wrapper under DDP on this rank (in an initialised group)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from pml_ms_plus.ablation import distributed as ablation_dist
+
+    out = {}
+    local = slice(rank * DDP_LOCAL, (rank + 1) * DDP_LOCAL)
+    for name, make in ddp_cases().items():
+        loss_fn = GatheredMSLoss(make().double())
+        out[name] = dict(anchors=loss_fn.anchors, records=train_steps(DDP(make_model()), loss_fn, local))
+    d = ablation_dist.Distributed(rank, WORLD, rank, WORLD, "gloo", torch.device("cpu"))
+    for name, make in PML_CASES.items():
+        inner, miner = make()
+        inner = inner.double()
+        wrapped = ablation_dist.distribute_loss(inner, miner, d)
+        params = list(inner.parameters())
+        records = train_steps(
+            DDP(make_model()),
+            wrapped.loss,
+            local,
+            wrapped.miner,
+            params,
+            lambda: ablation_dist.sync_loss_gradients(params, wrapped.scale, d),  # noqa: B023
+            wrapped.scale,
+        )
+        out[name] = dict(kind=type(wrapped.loss).__name__, scale=wrapped.scale, records=records)
+    x, y = ddp_batch(0)
+    out["bool"] = GatheredMSLoss(losses.MSLoss())(x[local], y[local] % 2 == 0).detach()
+    try:  # unequal shares are refused on every rank, before anything else is gathered
+        GatheredMSLoss(losses.MSLoss())(x[: DDP_LOCAL + rank], y[: DDP_LOCAL + rank])
+        out["unequal"] = "no error"
+    except ValueError as exc:
+        out["unequal"] = str(exc)
+    return out
 
 
 def worker(rank, init_file, out_dir):
@@ -58,16 +171,34 @@ def worker(rank, init_file, out_dir):
             records.append("no error")
         except ValueError as exc:
             records.append(str(exc))
-        torch.save(records, os.path.join(out_dir, f"rank{rank}.pt"))
+        # warm-up (in-batch only), then memory + in-batch: the in-batch term is this rank's anchors
+        # against every rank's batch, and the learned thresholds' gradients are averaged
+        learned = make_learned_memory()
+        in_batch = []
+        for step in range(STEPS):
+            x, y = full_batch(step)
+            local = x[rank * LOCAL : (rank + 1) * LOCAL].clone().requires_grad_(True)
+            learned.zero_grad()
+            value = learned(local, y[rank * LOCAL : (rank + 1) * LOCAL])
+            value.backward()
+            in_batch.append(
+                dict(loss=value.detach(), grad=local.grad, thresholds=learned.loss.thresholds.grad)
+            )
+        saved = dict(records=records, in_batch=in_batch, gathered=ddp_worker(rank))
+        torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_two_ranks_share_one_memory_and_match_a_single_process():
+@pytest.fixture(scope="module")
+def saved():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+def test_two_ranks_share_one_memory_and_match_a_single_process(saved):
+    ranks = [s["records"] for s in saved]
 
     single = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).double()
     for step in range(STEPS):
@@ -89,3 +220,64 @@ def test_two_ranks_share_one_memory_and_match_a_single_process():
         assert r0["wrapped_advance"] == WORLD * LOCAL
     for r in range(WORLD):
         assert "gathered already" in ranks[r][-1] and "gather=False" in ranks[r][-1]
+
+    learned = make_learned_memory()
+    for step in range(STEPS):
+        x, y = full_batch(step)
+        x.requires_grad_(True)
+        learned.zero_grad()
+        expected = learned(x, y)
+        expected.backward()
+        r0, r1 = (s["in_batch"][step] for s in saved)
+        torch.testing.assert_close((r0["loss"] + r1["loss"]) / WORLD, expected.detach())
+        for r, rec in enumerate((r0, r1)):
+            torch.testing.assert_close(rec["grad"] / WORLD, x.grad[r * LOCAL : (r + 1) * LOCAL])
+            # the single-process threshold gradient on every rank
+            torch.testing.assert_close(rec["thresholds"], learned.loss.thresholds.grad)
+        assert learned.loss.thresholds.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("name", list(ddp_cases()))
+def test_gathered_loss_under_ddp_equals_one_process_with_the_whole_batch(saved, name):
+    ranks = [s["gathered"][name] for s in saved]
+    single = train_steps(make_model(), ddp_cases()[name]().double())
+    for rank in ranks:
+        assert rank["anchors"] == ("all" if name == "avg-nonzero" else "local")
+    for step, ref in enumerate(single):
+        per_rank = [rank["records"][step] for rank in ranks]
+        # the mean over ranks of each rank's share is the single-process loss
+        torch.testing.assert_close(
+            sum(r["loss"] for r in per_rank) / WORLD, ref["loss"], rtol=1e-10, atol=1e-12
+        )
+        # every gradient, the model's (DDP-averaged) and the learned thresholds', is the
+        # single-process one, on every rank: no scaling anywhere
+        for r in per_rank:
+            assert len(r["grads"]) == len(ref["grads"]) == (3 if name == "learned" else 2)
+            for got, want in zip(r["grads"], ref["grads"]):
+                assert want.abs().max() > 0
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(PML_CASES))
+def test_pml_wrapper_as_the_ablation_applies_it_equals_one_process(saved, name):
+    inner, miner = PML_CASES[name]()
+    single = train_steps(make_model(), inner.double(), miner=miner)
+    for s in saved:
+        rank = s["gathered"][name]
+        assert rank["kind"] == "DistributedLossWrapper" and rank["scale"] == WORLD
+        assert len(rank["records"][0]["grads"]) == (3 if name == "pml-proxyanchor" else 2)
+        for step, ref in enumerate(single):
+            got = rank["records"][step]
+            # PML's wrapper returns world_size x the global loss on every rank
+            torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-10, atol=1e-12)
+            for g, want in zip(got["grads"], ref["grads"]):
+                assert want.abs().max() > 0
+                torch.testing.assert_close(g, want, rtol=1e-9, atol=1e-12)
+
+
+def test_gathered_loss_takes_bool_labels_and_refuses_unequal_shares(saved):
+    x, y = ddp_batch(0)
+    expected = losses.MSLoss()(x, (y % 2 == 0).long())
+    torch.testing.assert_close(sum(s["gathered"]["bool"] for s in saved) / WORLD, expected)
+    for s in saved:
+        assert "equal batch sizes" in s["gathered"]["unequal"] and "[10, 11]" in s["gathered"]["unequal"]

@@ -7,9 +7,10 @@ import torch
 
 import pml_ms_plus
 from pml_ms_plus import functional, miners
-from pml_ms_plus.losses import adaptive, memory, ms
+from pml_ms_plus.ablation import distributed
+from pml_ms_plus.losses import adaptive, gathered, memory, ms, problem
 
-MODULES = [functional, miners, ms, adaptive, memory]
+MODULES = [functional, miners, ms, adaptive, memory, gathered, problem, distributed]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

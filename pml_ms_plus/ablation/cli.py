@@ -14,6 +14,7 @@ import torch
 from . import checkpoint, images, report
 from . import config as cfg
 from . import data as data_mod
+from . import distributed as ddp
 
 
 @dataclass
@@ -27,6 +28,13 @@ class Study:
     done: List[Dict]
     backbone: Any = None  # backbones.Backbone for the image data sets
     baseline: Optional[str] = None
+    dist: Optional[ddp.Distributed] = None  # under torchrun: this rank's place in the process group
+    sync_bn: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes files and shows progress (the only one, or rank 0)."""
+        return self.dist is None or self.dist.is_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size", dest="image_size", type=int, help="image data sets: crop size; default 224"
     )
     ab.add_argument("--batch-size", dest="batch_size", type=int, help="batch size; default 80")
-    ab.add_argument("--m", type=int, help="samples per class in a batch; default 16 (toy sets), 5 (images)")
+    ab.add_argument(
+        "--m",
+        "--samples-per-class",
+        dest="m",
+        type=int,
+        help="samples per class in a batch; default 16 (toy sets), 5 (images); under torchrun write "
+        "--samples-per-class (torchrun's own parser takes --m for an abbreviation of its options)",
+    )
     ab.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...); default 3")
     ab.add_argument("--epochs", type=int, help="training epochs per run; default 15 (toy sets), 40 (images)")
     ab.add_argument(
@@ -92,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
         "same config hash (its other rows are kept, never deleted) and continue an interrupted run from "
         "its checkpoint after its last finished epoch",
     )
+    ab.add_argument(
+        "--dist-timeout",
+        dest="dist_timeout",
+        type=float,
+        default=ddp.DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun: how long a collective waits for the other ranks before the job fails "
+        f"(default {ddp.DEFAULT_TIMEOUT_S:.0f})",
+    )
+    ab.add_argument(
+        "--sync-bn",
+        dest="sync_bn",
+        action="store_true",
+        help="under torchrun with --device cuda: BatchNorm layers that train use the statistics of the "
+        "global batch (SyncBatchNorm) instead of each rank's share",
+    )
     return parser
 
 
@@ -110,8 +141,30 @@ CLI_SETTINGS = (
 )
 
 
-def prepare(args: argparse.Namespace) -> Study:
-    """Validate everything and load the data; touches no file. Raises ValueError subclasses."""
+def prepare(args: argparse.Namespace, dist: Optional[ddp.Distributed] = None) -> Study:
+    """Validate everything and load the data; touches no file. Raises ValueError subclasses.
+
+    Under torchrun every rank validates and loads alike, and the ranks agree: if any fails,
+    all raise (rank 0 reports it). ``--out`` and its ``results.csv`` are read by rank 0 alone,
+    which sends the rows to the others (only rank 0's machine needs the output directory)."""
+    study: Optional[Study] = None
+    error: Optional[BaseException] = None
+    try:
+        study = _prepare_here(args, dist)
+        if study.is_main:
+            study.done = read_out(args.out, args.resume)
+    except (ValueError, OSError) as exc:
+        if dist is None:
+            raise
+        error = exc
+    ddp.agree(error, dist)
+    assert study is not None
+    study.done = ddp.broadcast(study.done, dist)
+    return study
+
+
+def _prepare_here(args: argparse.Namespace, dist: Optional[ddp.Distributed]) -> Study:
+    """The settings, variants and data of a study, validated in this process."""
     overrides: Dict[str, Any] = {}
     variants: Optional[List[cfg.Variant]] = None
     if args.config:
@@ -138,6 +191,14 @@ def prepare(args: argparse.Namespace) -> Study:
         baseline = next((v.name for v in variants if v.kind == "train"), None)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available")
+    if getattr(args, "sync_bn", False) and args.device != "cuda":
+        raise ValueError("--sync-bn needs --device cuda (SyncBatchNorm runs on GPUs only)")
+    world = dist.world_size if dist is not None else 1
+    if settings["batch_size"] % world:
+        raise ValueError(
+            f"batch_size {settings['batch_size']} is not divisible by the {world} processes: each takes an "
+            f"equal share of every batch (use a multiple of {world})"
+        )
     data: Union[data_mod.Data, images.ImageData]
     backbone = None
     if image:
@@ -165,32 +226,38 @@ def prepare(args: argparse.Namespace) -> Study:
                 raise ValueError(
                     f"variant {v.name!r} memory: memory_size={size} is smaller than batch_size={bs}"
                 )
-    check_out(args.out)
-    done: List[Dict] = []
-    results = os.path.join(args.out, "results.csv")
-    if os.path.lexists(results):
-        if not args.resume:
-            raise ValueError(
-                f"{results} already exists: pass --resume to continue it (finished runs are kept), "
-                "or choose another --out"
-            )
-        done = report.read_csv(results)
-    elif checkpoint.existing(args.out) and not args.resume:
-        raise ValueError(
-            f"{checkpoint.directory(args.out)} holds the checkpoint of an interrupted run: pass --resume "
-            "to continue it, or choose another --out"
-        )
     return Study(
         settings,
         variants,
         data,
-        torch.device(args.device),
+        dist.device if dist is not None else torch.device(args.device),
         args.out,
         args.resume,
-        done,
+        [],
         backbone=backbone,
         baseline=baseline,
+        dist=dist,
+        sync_bn=getattr(args, "sync_bn", False),
     )
+
+
+def read_out(out: str, resume: bool) -> List[Dict]:
+    """Check ``--out`` and return the rows of its ``results.csv`` (``--resume``); touches no file."""
+    check_out(out)
+    results = os.path.join(out, "results.csv")
+    if os.path.lexists(results):
+        if not resume:
+            raise ValueError(
+                f"{results} already exists: pass --resume to continue it (finished runs are kept), "
+                "or choose another --out"
+            )
+        return report.read_csv(results)
+    if checkpoint.existing(out) and not resume:
+        raise ValueError(
+            f"{checkpoint.directory(out)} holds the checkpoint of an interrupted run: pass --resume "
+            "to continue it, or choose another --out"
+        )
+    return []
 
 
 def data_counts(data: Union[data_mod.Data, images.ImageData]) -> Dict[str, int]:
@@ -223,7 +290,11 @@ def check_out(out: str) -> None:
         raise ValueError(f"--out {out}: {nearest} is not writable")
 
 
-def versions(device: torch.device, backbone: Optional[str] = None) -> Dict:
+def versions(
+    device: torch.device, backbone: Optional[str] = None, dist: Optional[ddp.Distributed] = None
+) -> Dict:
+    """Library versions, the platform and the device, and how the study ran (``world_size``,
+    ``backend``: ``None`` for one process)."""
     import faiss
     import numpy
     import pytorch_metric_learning
@@ -246,6 +317,18 @@ def versions(device: torch.device, backbone: Optional[str] = None) -> Dict:
         "platform": platform.platform(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "torch_threads": torch.get_num_threads(),
+        **run_layout(dist),
+    }
+
+
+def run_layout(dist: Optional[ddp.Distributed]) -> Dict[str, Any]:
+    """``world_size``, ``backend`` and ``processes_per_node`` of the study (1, None, 1 for one process)."""
+    if dist is None:
+        return {"world_size": 1, "backend": None, "processes_per_node": 1}
+    return {
+        "world_size": dist.world_size,
+        "backend": dist.backend,
+        "processes_per_node": dist.local_world_size,
     }
 
 
@@ -280,10 +363,23 @@ class RunBar:
             self.bar.close()
 
 
+class RunFailed(RuntimeError):
+    """A (variant, seed) run that raised in a data-parallel study; the message names the rank and
+    the run, and the cause is chained."""
+
+
 def run_study(study: Study, stream: Optional[TextIO] = None) -> List[Dict]:
+    """Run every (variant, seed) that is not finished yet and write the results after each.
+
+    Under torchrun every rank runs the same runs in the same order; rank 0 alone writes files
+    and prints (``stream``, progress bars). A run that raises on a rank becomes
+    :class:`RunFailed` naming the rank and the run (the other ranks are stopped by torchrun, or
+    by the collective timeout); the finished runs are in ``results.csv`` already.
+    """
     from tqdm import tqdm
 
-    stream = stream or sys.stdout
+    main = study.is_main
+    stream = (stream or sys.stdout) if main else open(os.devnull, "w")
     from .train import RunContext, run
 
     s = study.settings
@@ -306,7 +402,9 @@ def run_study(study: Study, stream: Optional[TextIO] = None) -> List[Dict]:
     meta = dict(
         dataset=study.data.name,
         description=study.data.description,
-        device=str(study.device),
+        device=str(study.device) if study.dist is None else study.device.type,
+        **run_layout(study.dist),
+        sync_bn=study.sync_bn and study.dist is not None,
         **{
             k: s[k]
             for k in (
@@ -336,10 +434,18 @@ def run_study(study: Study, stream: Optional[TextIO] = None) -> List[Dict]:
         "study": s,
         "variant": [{**v.as_dict(), "config_hash": hashes[v.name]} for v in study.variants],
     }
-    vers = versions(study.device, s["backbone"] if image else None)
-    os.makedirs(study.out, exist_ok=True)
-    for name in report.remove_stale_temps(study.out) + checkpoint.remove_stale_temps(study.out):
-        print(f"removed {name}, left by an interrupted run", file=sys.stderr)
+    vers = versions(study.device, s["backbone"] if image else None, study.dist)
+    if main:
+        os.makedirs(study.out, exist_ok=True)
+        for name in report.remove_stale_temps(study.out) + checkpoint.remove_stale_temps(study.out):
+            print(f"removed {name}, left by an interrupted run", file=sys.stderr)
+    if study.dist is not None:
+        d = study.dist
+        print(
+            f"data-parallel: {d.world_size} processes ({d.backend}, {d.local_world_size} per node), "
+            f"global batch {s['batch_size']} = {d.world_size} x {s['batch_size'] // d.world_size}",
+            file=stream,
+        )
     if study.done:
         print(f"resuming: {len(rows)} finished runs kept, {len(todo)} to go", file=stream)
         if others:
@@ -352,11 +458,13 @@ def run_study(study: Study, stream: Optional[TextIO] = None) -> List[Dict]:
             file=stream,
         )
     total = sum(s["epochs"] if v.kind == "train" else 1 for v, _ in todo)
-    with tqdm(total=total, desc="ablate", unit="epoch", file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total, desc="ablate", unit="epoch", file=sys.stderr, dynamic_ncols=True, disable=not main
+    ) as bar:
         for v, seed in todo:
             bar.set_postfix_str(f"{v.name} / seed {seed}")
             ckpt = checkpoint.path(study.out, v.name, seed, hashes[v.name])
-            run_bar = RunBar(f"{v.name} / seed {seed}", enabled=image)
+            run_bar = RunBar(f"{v.name} / seed {seed}", enabled=image and main)
             ctx = RunContext(
                 device=study.device,
                 backbone=study.backbone,
@@ -365,10 +473,19 @@ def run_study(study: Study, stream: Optional[TextIO] = None) -> List[Dict]:
                 on_epoch=lambda e, loss: bar.update(1),
                 on_start=run_bar.start,
                 on_step=run_bar.step,
-                log=lambda line: bar.write(line, file=stream),
+                log=lambda line: bar.write(line, file=stream) if main else None,
+                dist=study.dist,
+                sync_bn=study.sync_bn,
             )
             try:
                 result = run(v, study.data, seed, s, ctx)
+            except Exception as exc:
+                if study.dist is None:
+                    raise
+                raise RunFailed(
+                    f"rank {study.dist.rank} of {study.dist.world_size}: run {v.name!r} / seed {seed} failed: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
             finally:
                 run_bar.close()
             if result.resumed_from:
@@ -387,6 +504,8 @@ def run_study(study: Study, stream: Optional[TextIO] = None) -> List[Dict]:
             }
             rows.append(row)
             rows.sort(key=lambda r: (order.index(r["variant"]), r["seed"]))
+            if not main:
+                continue
             report.write_all(study.out, rows, order, meta, resolved, vers, kept=others)
             checkpoint.remove(study.out, ckpt)
             bar.write(
@@ -394,6 +513,10 @@ def run_study(study: Study, stream: Optional[TextIO] = None) -> List[Dict]:
                 f"R@1 {row['recall_at_1']:.3f}  ({result.seconds:.1f}s)",
                 file=stream,
             )
+    if not main:
+        stream.close()
+        ddp.barrier(study.dist)  # rank 0 writes the last files
+        return rows
     report.write_all(study.out, rows, order, meta, resolved, vers, kept=others)
     print(
         f"\nwrote {study.out}/: results.csv, results.json, summary.md, metrics.png, training_loss.png",
@@ -401,20 +524,58 @@ def run_study(study: Study, stream: Optional[TextIO] = None) -> List[Dict]:
     )
     with open(os.path.join(study.out, "summary.md")) as f:
         print(f.read(), file=stream)
+    ddp.barrier(study.dist)
     return rows
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``pml-ms-plus``: the exit status (0 done, 1 a run failed, 2 bad input, 130 interrupted).
+
+    Under torchrun (``WORLD_SIZE`` > 1) the process joins the process group first; rank 0 alone
+    prints errors of the input, a failing run is reported by the rank it failed on.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        study = prepare(args)
-    except (ValueError, OSError) as exc:
+        dist = ddp.from_environment(args.device, args.dist_timeout)
+    except (ValueError, RuntimeError) as exc:  # a bad launch, or the rendezvous failed
         print(f"pml-ms-plus: error: {exc}", file=sys.stderr)
+        return 2
+    status = _main(args, dist)
+    if status in (0, 2):  # the ranks ended together; after a failure a rank just exits
+        ddp.shutdown(dist)
+    return status
+
+
+def _main(args: argparse.Namespace, dist: Optional[ddp.Distributed]) -> int:
+    main_rank = dist is None or dist.is_main
+    try:
+        study = prepare(args, dist)
+    except (ValueError, OSError) as exc:
+        if main_rank:
+            print(f"pml-ms-plus: error: {exc}", file=sys.stderr)
         return 2
     try:
         run_study(study)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+    except RunFailed as exc:
+        import traceback
+
+        cause = exc.__cause__ or exc
+        traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
+        hint = ""
+        if any(c.__name__.startswith("Dist") for c in type(cause).__mro__) or "Connection closed" in str(
+            cause
+        ):
+            hint = " (a collective failed: another rank probably failed or was killed first; see its message)"
+        print(
+            f"pml-ms-plus: error: {exc}{hint}. Every finished run is saved in {study.out}/results.csv on "
+            "rank 0's machine and the run in progress is checkpointed after its last finished epoch: fix "
+            "the cause and run the same command with --resume to continue",
+            file=sys.stderr,
+        )
+        sys.stderr.flush()
+        return 1
     except images.ImageDecodeError as exc:
         print(
             f"pml-ms-plus: error: {exc}; every finished run is saved in {study.out}/results.csv and the "

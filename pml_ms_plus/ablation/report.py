@@ -219,7 +219,14 @@ def summary_markdown(summary: List[Dict], meta: Dict) -> str:
     )
     if meta.get("backbone"):
         setup += f", backbone {meta['backbone']} (pretrained: {meta['pretrained']}), image size {meta['image_size']}"
-    setup += f", amp {meta.get('amp', 'none')}, device {meta['device']}."
+    setup += f", amp {meta.get('amp', 'none')}, device {meta['device']}"
+    if meta.get("world_size", 1) > 1:
+        per = meta["batch_size"] // meta["world_size"]
+        bn = ", SyncBatchNorm" if meta.get("sync_bn") else ""
+        setup += (
+            f", data-parallel over {meta['world_size']} processes ({meta['backend']}, {per} per process{bn})"
+        )
+    setup += "."
     counts = ""
     if "num_train_images" in meta:
         counts = (

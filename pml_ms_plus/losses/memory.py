@@ -9,21 +9,10 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from .. import _checks
+from .. import _checks, _distributed
 from .._blocks import masks_from_pairs
 from .ms import MultiSimilarityLoss
 from .problem import MSProblem
-
-
-def _is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _all_gather(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``t`` from every rank, in rank order (no gradient)."""
-    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, t.detach().contiguous())
-    return torch.cat(parts)
 
 
 class _HostState(NamedTuple):
@@ -65,7 +54,13 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
       group with more than one rank, every rank all-gathers the batch (rank
       order) before enqueueing, so all ranks hold identical memories, and each
       rank's loss covers its own anchors (equal local batch sizes are
-      required). Inside PML's ``DistributedLossWrapper``, which gathers
+      required); the in-batch term (warm-up, ``batch_weight``) is then each
+      rank's anchors against the batch of every rank, with its gradient
+      (:meth:`MSProblem.against_gathered`), and the loss's own parameters
+      (learned thresholds) get their gradients averaged over the ranks in
+      ``backward``. Under PML's ``MeanReducer`` and DDP's gradient averaging
+      the gradients equal those of one process with the whole batch.
+      Inside PML's ``DistributedLossWrapper``, which gathers
       already, pass ``gather=False`` (PML's semantics then apply); a batch that
       is identical on every rank is refused as "gathered already".
       ``gather=True`` requires a process group.
@@ -131,6 +126,8 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         self.start_iteration = start_iteration
         self.batch_weight = batch_weight
         self.memory_weight = memory_weight
+        if gather is not False:
+            _distributed.average_gradients_in_backward(loss.parameters())
         self.add_to_recordable_attributes(
             list_of_names=["start_iteration", "batch_weight", "memory_weight"], is_stat=False
         )
@@ -224,8 +221,10 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             enqueue_mask = enqueue_mask.to(device)
 
         queue_emb, queue_labels, queue_mask, offset = embeddings, labels, enqueue_mask, 0
-        if self._gathers():
+        gathered = self._gathers()
+        if gathered:
             queue_emb, queue_labels, queue_mask, offset = self._gather(embeddings, labels, enqueue_mask)
+        batch_emb, batch_labels = queue_emb, queue_labels  # every rank's batch (with its gradient)
         if queue_mask is not None:
             queue_emb, queue_labels = queue_emb[queue_mask], queue_labels[queue_mask]
         if len(queue_emb) > self.memory_size:
@@ -248,16 +247,33 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             iteration = self._host_state().iteration
             self._set_host_state(self._host_state()._replace(iteration=iteration + 1))
             if iteration < self.start_iteration:
-                return self.loss(embeddings, labels)
+                return self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
             loss = self._memory_loss(anchors, anchor_labels, self_index, indices_tuple, enqueue_mask is None)
             if self.memory_weight != 1:
                 loss = self.memory_weight * loss
             if self.batch_weight:
-                loss = loss + self.batch_weight * self.loss(embeddings, labels)
+                in_batch = self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
+                loss = loss + self.batch_weight * in_batch
             return loss
         except BaseException:
             self._restore(undo)
             raise
+
+    def _in_batch_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        batch_emb: torch.Tensor,
+        batch_labels: torch.Tensor,
+        gathered: bool,
+    ) -> torch.Tensor:
+        """``loss(embeddings, labels)``; gathered: this rank's anchors against every rank's batch."""
+        if not gathered:
+            return self.loss(embeddings, labels)
+        problem = MSProblem.against_gathered(
+            embeddings, labels, batch_emb, batch_labels, torch.distributed.get_rank()
+        )
+        return self.loss.forward_problem(problem)
 
     def _memory_loss(
         self,
@@ -372,7 +388,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         """Whether this call all-gathers the batch across ranks (see ``gather``)."""
         if self.gather is False:
             return False
-        if not _is_distributed():
+        if not _distributed.is_distributed():
             if self.gather is True:
                 raise ValueError("gather=True needs an initialised torch.distributed process group")
             return False
@@ -381,18 +397,17 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     def _gather(
         self, embeddings: torch.Tensor, labels: torch.Tensor, enqueue_mask: Optional[torch.Tensor]
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
-        sizes = _all_gather(torch.tensor([len(embeddings)], device=embeddings.device))
-        if bool((sizes != sizes[0]).any()):
-            raise ValueError(f"CrossBatchMemory needs equal batch sizes on every rank, got {sizes.tolist()}")
-        all_emb = _all_gather(embeddings)
-        if len(embeddings) and self._same_rows_on_every_rank(all_emb.view(len(sizes), len(embeddings), -1)):
+        _distributed.check_equal_sizes(len(embeddings), embeddings.device, "CrossBatchMemory")
+        world = torch.distributed.get_world_size()
+        all_emb = _distributed.all_gather(embeddings, grad=True)  # enqueued detached
+        if len(embeddings) and self._same_rows_on_every_rank(all_emb.view(world, len(embeddings), -1)):
             raise ValueError(
                 "every rank passed the same batch: it looks gathered already (PML's "
                 "DistributedLossWrapper does that); construct CrossBatchMemory(..., gather=False) there"
             )
-        mask = None if enqueue_mask is None else _all_gather(enqueue_mask.to(torch.uint8)).bool()
+        mask = None if enqueue_mask is None else _distributed.all_gather(enqueue_mask.to(torch.uint8)).bool()
         offset = torch.distributed.get_rank() * len(embeddings)
-        return all_emb, _all_gather(labels), mask, offset
+        return all_emb, _distributed.all_gather(labels), mask, offset
 
     @staticmethod
     def _same_rows_on_every_rank(parts: torch.Tensor) -> bool:

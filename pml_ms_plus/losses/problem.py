@@ -15,7 +15,8 @@ class MSProblem:
     """Anchors against references, with the pairs defined by labels or given explicitly.
 
     Built once at the edge (``MSLoss.make_problem`` from PML's ``forward``
-    arguments, ``CrossBatchMemory`` from a batch and its memory) and handed to
+    arguments, ``CrossBatchMemory`` from a batch and its memory, ``GatheredMSLoss`` and the
+    memory's in-batch term from the batch of every rank) and handed to
     ``MSLoss.forward_problem``; in-batch, ``ref_emb``, cross-batch memory and
     gathered batches differ only in what they put here.
 
@@ -39,6 +40,31 @@ class MSProblem:
     self_index: Optional[torch.Tensor] = None
     pairs: Optional[PairMasks] = None
     references_checked: bool = False
+
+    @classmethod
+    def against_gathered(
+        cls,
+        anchors: torch.Tensor,
+        labels: torch.Tensor,
+        gathered: torch.Tensor,
+        gathered_labels: torch.Tensor,
+        rank: int,
+    ) -> "MSProblem":
+        """One rank's share of a data-parallel batch: its ``B`` anchors against the batch of every
+        rank, concatenated in rank order (``gathered``: ``(world * B, D)``), each anchor's own copy
+        (row ``rank * B + i``) excluded on both sides exactly as in-batch. The references are
+        checked (finite, label dtype) by the loss, on every rank alike.
+
+        Example:
+            >>> g = torch.Generator().manual_seed(0)
+            >>> x, y = torch.randn(4, 3, generator=g), torch.tensor([0, 0, 1, 1])
+            >>> everyone = torch.cat([torch.randn(4, 3, generator=g), x])  # rank 0's rows, then ours (rank 1)
+            >>> MSProblem.against_gathered(x, y, everyone, torch.cat([y, y]), rank=1).self_index
+            tensor([4, 5, 6, 7])
+        """
+        n = anchors.shape[0]
+        self_index = rank * n + torch.arange(n, device=anchors.device)
+        return cls(anchors, labels, gathered, gathered_labels, self_index)
 
     @property
     def num_anchors(self) -> int:

@@ -1,0 +1,96 @@
+"""Private ``torch.distributed`` helpers shared by the losses: the rank-order gather (with or
+without a gradient), the equal-size check, and the averaging of a loss's own parameter gradients.
+
+Every collective here is issued by every rank in the same order (the callers guarantee it: the
+same calls on every rank, the same number of rows), so none of them can pair up wrongly.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Dict, Iterable, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is initialised (with any number of ranks)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """The number of ranks of the default group; 1 without a process group."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """This process's rank in the default group; 0 without a process group."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _gather_parts(t: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Rank-order concatenation whose backward hands every rank the sum, over all ranks, of the
+    gradients of its own rows (a reduce-scatter: NCCL's where it exists, else all-reduce + slice)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        ctx.rows = t.shape[0]
+        return _gather_parts(t.detach())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor]:
+        n, me = ctx.rows, dist.get_rank()
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = torch.empty((n, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter(out, list(grad.split(n)))
+            return (out,)
+        total = grad.clone()
+        dist.all_reduce(total)
+        return (total[me * n : (me + 1) * n],)
+
+
+def all_gather(t: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
+    """``t`` of every rank concatenated in rank order (equal first dimensions required).
+
+    With ``grad=True`` the result carries a gradient back to each rank's own ``t``: the sum of
+    the gradients that every rank's loss puts on those rows.
+    """
+    if grad and t.requires_grad:
+        out: torch.Tensor = _AllGatherWithGrad.apply(t)
+        return out
+    return _gather_parts(t.detach())
+
+
+def check_equal_sizes(n: int, device: torch.device, who: str) -> None:
+    """Raise ``ValueError`` (on every rank alike) unless every rank passes ``n`` rows."""
+    sizes = _gather_parts(torch.tensor([n], device=device))
+    if bool((sizes != sizes[0]).any()):
+        raise ValueError(f"{who} needs equal batch sizes on every rank, got {sizes.tolist()}")
+
+
+_AVERAGED: Dict[int, "weakref.ref[torch.Tensor]"] = {}  # id -> the parameter (ids of dead ones are reused)
+
+
+def _average_hook(param: torch.Tensor) -> None:
+    if param.grad is not None and is_distributed() and dist.get_world_size() > 1:
+        dist.all_reduce(param.grad)
+        param.grad.div_(dist.get_world_size())
+
+
+def average_gradients_in_backward(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average each parameter's gradient over the ranks as soon as ``backward`` has accumulated
+    it (what DDP does for a model's parameters), under a process group of more than one rank;
+    a no-op otherwise. Registered once per parameter, however often it is asked for."""
+    for p in params:
+        known = _AVERAGED.get(id(p))
+        if p.requires_grad and (known is None or known() is not p):
+            p.register_post_accumulate_grad_hook(_average_hook)
+            _AVERAGED[id(p)] = weakref.ref(p)
