@@ -47,6 +47,10 @@ class GatheredMSLoss(torch.nn.Module):
     so identically initialised thresholds stay identical. (The hooks are registered on the
     parameters when the wrapper is built and do nothing without a process group.)
 
+    Each call first checks that every rank passes the same number of rows (one all-gather of one
+    integer, read on the host: a clear ``ValueError`` instead of mismatched collectives), then
+    gathers the embeddings and the labels (two all-gathers of ``B x D`` and ``B``).
+
     Without an initialised process group, or with one rank, ``forward`` is
     ``loss(embeddings, labels)``. Mining (``epsilon``), ``weighting``, adaptive thresholds,
     distances, the regularizer and the fused path are the wrapped loss's, applied to the global
