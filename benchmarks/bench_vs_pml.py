@@ -30,6 +30,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -252,6 +253,9 @@ def main(argv=None):
     parser.add_argument("--peak-of", nargs=2, metavar=("CASE_JSON", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    # compile times from an empty cache, as a user's first run sees them (not inductor's cache
+    # of an earlier run on this machine)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-inductor-"))
     if args.peak_of:
         print(peak_memory_here(json.loads(args.peak_of[0]), args.peak_of[1], device))
         return 0

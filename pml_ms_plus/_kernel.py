@@ -221,6 +221,28 @@ class _Kept(NamedTuple):
         return _blocks.Block(self.pa, self.pj, self.Rp, self.Rn)
 
 
+def _block_terms(
+    cfg: _Config,
+    block: _blocks.Block,
+    side_pair: _blocks.SidePair,
+    shifts: _blocks.SidePair,
+    hard: _blocks.Hardest,
+    counts: bool = False,
+) -> _blocks.BlockTerms:
+    """One block mined and turned into both sides' terms, in place, under ``cfg``
+    (``hard``/``shifts``: over all references)."""
+    return _blocks.block_terms(
+        block,
+        side_pair,
+        shifts,
+        hard,
+        weighting=cfg.weighting,
+        epsilon=cfg.epsilon,
+        inplace=True,
+        counts=counts,
+    )
+
+
 def _accumulate(
     problem: _Problem,
     cfg: _Config,
@@ -235,16 +257,7 @@ def _accumulate(
     kept: List[_Kept] = []
     for k, c0 in enumerate(problem.starts(cfg.cols)):
         blk = blocks[k] if k < len(blocks) else problem.block(c0, cfg.cols, out=buffer, dense=cfg.dense)
-        bt = _blocks.block_terms(
-            blk,
-            side_pair,
-            shifts,
-            hard,
-            weighting=cfg.weighting,
-            epsilon=cfg.epsilon,
-            inplace=True,
-            counts=cfg.counts,
-        )
+        bt = _block_terms(cfg, blk, side_pair, shifts, hard, counts=cfg.counts)
         part = _Sums.of_block(bt, cfg.weighting)
         sums = part if sums is None else sums.merge(part)
         if k < len(blocks):
@@ -403,15 +416,8 @@ class _FusedMS(torch.autograd.Function):
                 if k < len(kept):
                     terms = kept[k]
                 else:
-                    bt = _blocks.block_terms(
-                        problem.block(c0, cfg.cols, out=buffer, dense=cfg.dense),
-                        side_pair,
-                        shifts,
-                        hard,
-                        weighting=cfg.weighting,
-                        epsilon=cfg.epsilon,
-                        inplace=True,
-                    )
+                    blk = problem.block(c0, cfg.cols, out=buffer, dense=cfg.dense)
+                    bt = _block_terms(cfg, blk, side_pair, shifts, hard)
                     terms = _Kept(bt.block.pa, bt.block.pj, bt.terms.pos.R, bt.terms.neg.R)
                 blk, Rp, Rn = terms.block(), terms.Rp, terms.Rn
                 if needs[2]:
