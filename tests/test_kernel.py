@@ -1,8 +1,12 @@
 """The fused, chunked kernel agrees with the dense functional path."""
 
+import shutil
+
 import pytest
 import torch
 from helpers import make_batch, tol
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning import reducers as pml_reducers
 
 from pml_ms_plus import _blocks, _kernel, losses
@@ -212,3 +216,21 @@ def test_small_batch_path_does_not_synchronise_with_the_host(device):
         loss(x, y).backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler"
+)
+def test_compiled_loss_equals_pml(tmp_path, monkeypatch):
+    """``torch.compile(MSLoss(epsilon=0.1))`` through inductor (generated C++ here, from an empty
+    cache) gives PML's miner + loss in value and gradient, as eager does."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x, y = make_batch(23, n=32, dim=16, classes=8)
+    compiled = torch.compile(losses.MSLoss(epsilon=0.1))
+    value = compiled(x, y)
+    (grad,) = torch.autograd.grad(value, x)
+    miner, pml = pml_miners.MultiSimilarityMiner(0.1), pml_losses.MultiSimilarityLoss()
+    expected = pml(x, y, miner(x, y))
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(value, expected, **tol(torch.float32))
+    torch.testing.assert_close(grad, expected_grad, **tol(torch.float32))
