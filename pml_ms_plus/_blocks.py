@@ -221,19 +221,19 @@ def block_from_labels(
     minus_inf = torch.tensor(-_INF, dtype=S.dtype, device=S.device)
     Vn = S.index_put_((ea, ej), minus_inf) if inplace else S.index_put((ea, ej), minus_inf)
     if self_index is not None and S.shape[1]:  # a copy whose label differs (explicit self indices)
-        _exclude_own_copies_(Vn, self_index, -_INF)
+        _exclude_own_copies_(Vn, self_index)
     return Block(pa, pj, sp, Vn)
 
 
-def _exclude_own_copies_(V: torch.Tensor, self_index: torch.Tensor, fill: float) -> None:
-    """``V[i, self_index[i]] = fill`` where ``self_index[i]`` lies in ``[0, M)``
+def _exclude_own_copies_(Vn: torch.Tensor, self_index: torch.Tensor) -> None:
+    """``Vn[i, self_index[i]] = -inf`` where ``self_index[i]`` lies in ``[0, M)``
     (a gather and a scatter of ``B`` values; no data-dependent shapes)."""
-    M = V.shape[1]
-    rows = torch.arange(len(self_index), device=V.device)
+    M = Vn.shape[1]
+    rows = torch.arange(len(self_index), device=Vn.device)
     cols = self_index.clamp(0, M - 1)
     valid = (self_index >= 0) & (self_index < M)
-    current = V[rows, cols]
-    V[rows, cols] = current.masked_fill(valid, fill)
+    current = Vn[rows, cols]
+    Vn[rows, cols] = current.masked_fill(valid, -_INF)
 
 
 def block_from_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Block:

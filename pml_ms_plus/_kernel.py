@@ -213,8 +213,11 @@ class _Kept(NamedTuple):
         return tuple(t for t in self if t is not None)
 
     @staticmethod
-    def from_tensors(ts: Tuple[torch.Tensor, ...]) -> "_Kept":
-        return _Kept(None, None, *ts) if len(ts) == 2 else _Kept(*ts)
+    def split(flat: Tuple[torch.Tensor, ...], per_block: int) -> List["_Kept"]:
+        """The kept blocks of the Function's flat outputs (``per_block`` tensors each:
+        ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed)."""
+        parts = [flat[i : i + per_block] for i in range(0, len(flat), per_block)]
+        return [_Kept(None, None, *p) if per_block == 2 else _Kept(*p) for p in parts]
 
     def block(self) -> _blocks.Block:
         """The layout of the block these terms came from (``Rp`` in the place of ``sp``)."""
@@ -373,8 +376,7 @@ class _FusedMS(torch.autograd.Function):
             *extra,
             *saved_kept,
         )
-        n = cfg.kept_outputs
-        ctx.kept = [] if cfg.dense else [_Kept.from_tensors(flat[i : i + n]) for i in range(0, len(flat), n)]
+        ctx.kept = [] if cfg.dense else _Kept.split(flat, cfg.kept_outputs)
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zero gradients the size of the kept blocks
 
@@ -388,8 +390,7 @@ class _FusedMS(torch.autograd.Function):
         ref_scale = saved[15] if ctx.has_ref_scale else None
         cfg = ctx.cfg
         if cfg.dense:  # saved, not to be overwritten
-            flat = saved[15 + ctx.has_ref_scale :]
-            kept = [_Kept.from_tensors(flat[i : i + 2]) for i in range(0, len(flat), 2)]
+            kept = _Kept.split(saved[15 + ctx.has_ref_scale :], cfg.kept_outputs)
         else:
             kept = ctx.kept
             ctx.kept = []  # consumed: a second backward (retain_graph) recomputes the blocks
