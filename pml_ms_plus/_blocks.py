@@ -189,6 +189,7 @@ def block_from_labels(
     self_index: Optional[torch.Tensor] = None,
     inplace: bool = False,
     dense: bool = False,
+    positives: bool = True,
 ) -> Block:
     """The :class:`Block` of ``S`` for label-defined pairs (see :func:`pair_masks`).
 
@@ -196,7 +197,8 @@ def block_from_labels(
     names each anchor's own copy among the references: it is excluded from
     both sides. ``inplace=True`` writes ``Vn`` into ``S``'s storage (no autograd).
     ``dense=True``: positives in the dense layout (no pair lists, no host
-    synchronisation).
+    synchronisation). ``positives=False``: the negatives alone (an empty list of
+    positives, whatever ``dense``), for a caller that holds the positives elsewhere.
     """
     if ref_labels is None:
         ref_labels = labels
@@ -209,20 +211,26 @@ def block_from_labels(
         else:  # an index outside [0, M) matches no column
             own = torch.arange(S.shape[1], device=S.device) == self_index[:, None]
             pos, not_neg = eq & ~own, eq | own
-        sp = S.masked_fill(~pos, _INF)
+        sp = S.masked_fill(~pos, _INF) if positives else None
         Vn = S.masked_fill_(not_neg, -_INF) if inplace else S.masked_fill(not_neg, -_INF)
-        return Block(None, None, sp, Vn)
+        return Block(None, None, sp, Vn) if sp is not None else negatives_only(Vn)
     ea, ej = same_label_pairs(labels, ref_labels)
     pa, pj = ea, ej
-    if self_index is not None:
+    if self_index is not None and positives:
         other = ej != self_index[ea]
         pa, pj = ea[other], ej[other]
-    sp = S[pa, pj]
+    sp = S[pa, pj] if positives else None
     minus_inf = torch.tensor(-_INF, dtype=S.dtype, device=S.device)
     Vn = S.index_put_((ea, ej), minus_inf) if inplace else S.index_put((ea, ej), minus_inf)
     if self_index is not None and S.shape[1]:  # a copy whose label differs (explicit self indices)
         _exclude_own_copies_(Vn, self_index)
-    return Block(pa, pj, sp, Vn)
+    return Block(pa, pj, sp, Vn) if sp is not None else negatives_only(Vn)
+
+
+def negatives_only(Vn: torch.Tensor) -> Block:
+    """A :class:`Block` of the negatives ``Vn`` with an empty list of positives."""
+    none = torch.empty(0, dtype=torch.long, device=Vn.device)
+    return Block(none, none, Vn.new_empty(0), Vn)
 
 
 def _exclude_own_copies_(Vn: torch.Tensor, self_index: torch.Tensor) -> None:
@@ -254,14 +262,17 @@ class Hardest(NamedTuple):
 
 
 def hardest(block: Block) -> Hardest:
-    """The :class:`Hardest` pairs of a block."""
+    """The :class:`Hardest` pairs of a block (one of its sides may be empty: a block of
+    ``M = 0`` columns, or the listed positives alone beside a ``(B, 0)`` ``Vn``)."""
     B, M = block.Vn.shape
     init = torch.full((B,), _INF, dtype=block.sp.dtype, device=block.sp.device)
-    if not M:
-        return Hardest(init, torch.full_like(init, -_INF))
     sp = block.sp.detach()
-    min_pos = sp.amin(1) if block.pa is None else init.scatter_reduce(0, block.pa, sp, "amin")
-    return Hardest(min_pos, block.Vn.detach().amax(1))
+    if block.pa is not None:
+        min_pos = init.scatter_reduce(0, block.pa, sp, "amin")
+    else:
+        min_pos = sp.amin(1) if M else init
+    max_neg = block.Vn.detach().amax(1) if M else torch.full_like(init, -_INF)
+    return Hardest(min_pos, max_neg)
 
 
 class Kept(NamedTuple):
@@ -294,8 +305,14 @@ def mine_(block: Block, epsilon: float, hard: Hardest) -> Block:
     """
     drop = (block.sp - epsilon) >= block.per_pair(hard.max_neg)
     sp = block.sp.masked_fill_(drop, _INF) if block.dense else block.sp.masked_fill(drop, _INF)
-    block.Vn.masked_fill_((block.Vn + epsilon) <= hard.min_pos[:, None], -_INF)
+    mine_negatives_(block.Vn, epsilon, hard.min_pos)
     return block._replace(sp=sp)
+
+
+def mine_negatives_(Vn: torch.Tensor, epsilon: float, min_pos: torch.Tensor) -> torch.Tensor:
+    """The negative half of :func:`mine_`, in place: ``Vn = -inf`` where ``Vn + epsilon <= min_pos``
+    (``min_pos``: ``(B,)``, each anchor's hardest positive)."""
+    return Vn.masked_fill_((Vn + epsilon) <= min_pos[:, None], -_INF)
 
 
 class MinedPairs(NamedTuple):

@@ -55,11 +55,14 @@ DENSE_ELEMENTS = 2**16  # blocks up to this many similarities hold their positiv
 
 class BlockPlan(NamedTuple):
     """How the references are split: ``cols`` per block, the first ``keep`` blocks kept;
-    ``dense``: the blocks hold their positives in the dense layout (see :class:`_blocks.Block`)."""
+    ``dense``: the blocks hold their positives in the dense layout (see :class:`_blocks.Block`);
+    ``one_pass``: some blocks are recomputed, so the forward makes one pass over the blocks
+    (see :func:`_one_pass`) instead of two."""
 
     cols: int
     keep: int
     dense: bool = False
+    one_pass: bool = False
 
 
 def plan_blocks(
@@ -89,8 +92,8 @@ def plan_blocks(
     # a kept block: Vn's terms, and sp's too when dense; working blocks beside them: two
     # listed (S and a temporary), one dense (the dense layout works in place)
     kept_copies, working_copies = (2, 1) if dense else (1, 2)
-    keep = max(0, (memory_budget - working_copies * row * cols) // (kept_copies * row * cols))
-    return BlockPlan(cols, min(n_blocks, keep), dense)
+    keep = min(n_blocks, max(0, (memory_budget - working_copies * row * cols) // (kept_copies * row * cols)))
+    return BlockPlan(cols, keep, dense, one_pass=keep < n_blocks)
 
 
 class _Config(NamedTuple):
@@ -102,11 +105,13 @@ class _Config(NamedTuple):
     keep: int  # the first `keep` blocks are kept between forward and backward
     counts: bool
     dense: bool  # the dense layout of the positives
+    one_pass: bool  # some blocks recomputed: the one-pass forward (:func:`_one_pass`)
 
     @property
     def kept_outputs(self) -> int:
-        """Output tensors per kept block: ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed."""
-        return 2 if self.dense else 4
+        """Output tensors per kept block: ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed,
+        ``(Rn, factor)`` one-pass (see :class:`_Swept`)."""
+        return 2 if self.dense or self.one_pass else 4
 
 
 class _Problem(NamedTuple):
@@ -129,20 +134,68 @@ class _Problem(NamedTuple):
         return A
 
     def block(
-        self, c0: int, cols: int, out: Optional[torch.Tensor] = None, dense: bool = False
+        self,
+        c0: int,
+        cols: int,
+        out: Optional[torch.Tensor] = None,
+        dense: bool = False,
+        positives: bool = True,
     ) -> _blocks.Block:
         """The :class:`_blocks.Block` of references ``[c0, c0 + cols)`` (no autograd).
 
         ``out``: a ``(B, cols)`` buffer to compute it in (a block that is not kept:
         one buffer serves every such block, so the allocator sees no churn).
+        ``positives=False``: its negatives alone (the one-pass forward holds the positives).
         """
         y_blk = self.y[c0 : c0 + cols]
         if out is not None and out.shape[1] != y_blk.shape[0]:
             out = None  # the last, narrower block
         S = self.scale_columns_(torch.matmul(self.x, y_blk.T, out=out), c0)
+        ref_labels, self_index = self.ref_labels[c0 : c0 + cols], self.self_index - c0
         return _blocks.block_from_labels(
-            S, self.labels, self.ref_labels[c0 : c0 + cols], self.self_index - c0, inplace=True, dense=dense
+            S, self.labels, ref_labels, self_index, inplace=True, dense=dense, positives=positives
         )
+
+    def pair_chunks(self, num_pairs: int, elements: int) -> range:
+        """Starts of chunks of pairs whose ``(chunk, D)`` row gathers hold about ``elements``."""
+        step = max(1, elements // (3 * max(1, self.x.shape[1])))
+        return range(0, num_pairs, step)
+
+    def positives(self, elements: int) -> _blocks.Block:
+        """Every positive pair over all references as a listed block without negatives
+        (``Vn`` is ``(B, 0)``): its similarities from row dot products, in chunks of pairs
+        gathering about ``elements`` values at a time (no ``(B, M)`` block)."""
+        pa, pj = _blocks.same_label_pairs(self.labels, self.ref_labels)
+        other = pj != self.self_index[pa]
+        pa, pj = pa[other], pj[other]
+        sp = self.x.new_empty(pa.shape[0])
+        chunks = self.pair_chunks(pa.shape[0], elements)
+        for p0 in chunks:
+            a, j = pa[p0 : p0 + chunks.step], pj[p0 : p0 + chunks.step]
+            torch.linalg.vecdot(self.x[a], self.y[j], out=sp[p0 : p0 + chunks.step])
+        if self.ref_scale is not None:
+            sp.mul_(self.ref_scale[pj])
+        return _blocks.Block(pa, pj, sp, self.x.new_empty((self.x.shape[0], 0)))
+
+    def positive_grads_(
+        self,
+        dx: Optional[torch.Tensor],
+        dy: Optional[torch.Tensor],
+        pa: torch.Tensor,
+        pj: torch.Tensor,
+        w: torch.Tensor,
+        elements: int,
+    ) -> None:
+        """``dx``/``dy`` += the gradient of ``sum_p w_p * S[pa_p, pj_p]`` (row by row, in chunks)."""
+        if self.ref_scale is not None:
+            w = w * self.ref_scale[pj]
+        chunks = self.pair_chunks(pa.shape[0], elements)
+        for p0 in chunks:
+            a, j, wc = (t[p0 : p0 + chunks.step] for t in (pa, pj, w))
+            if dx is not None:
+                dx.index_add_(0, a, self.y[j] * wc[:, None])
+            if dy is not None:
+                dy.index_add_(0, j, self.x[a] * wc[:, None])
 
     def dense_similarities(self) -> torch.Tensor:
         """The whole ``(B, M)`` similarity block, differentiable in ``x`` and ``y``."""
@@ -269,6 +322,104 @@ def _accumulate(
     return sums, kept
 
 
+class _Swept(NamedTuple):
+    """A block kept by the one-pass forward: its negatives' ``R``, taken against the running
+    level of the pass when the block was reached, and the ``(B,)`` factor that turns them
+    into the ``R`` against the side's final reference (``exp(coef * (level - ref)) <= 1``)."""
+
+    Rn: torch.Tensor
+    factor: torch.Tensor
+
+
+def _negative_terms(
+    cfg: _Config,
+    Vn: torch.Tensor,
+    side: _blocks.Side,
+    ref: torch.Tensor,
+    min_pos: torch.Tensor,
+    counts: bool = False,
+) -> Tuple[_blocks.PairTerms, Optional[torch.Tensor]]:
+    """A block's negatives mined against ``min_pos`` (over all references) and turned
+    into their :class:`_blocks.PairTerms` against the level ``ref``, in place; and the
+    kept pairs per anchor (``None`` unless ``counts``)."""
+    if cfg.epsilon is not None:
+        _blocks.mine_negatives_(Vn, cfg.epsilon, min_pos)
+    num = _blocks.negatives_only(Vn).kept_neg().sum(1) if counts else None
+    shift = _blocks.Shift(ref, torch.zeros_like(ref))  # side_terms reads the level only
+    return _blocks.side_terms(Vn, side, shift, cfg.weighting, inplace=True), num
+
+
+def _one_pass(
+    problem: _Problem, cfg: _Config, side_pair: _blocks.SidePair, buffer: Optional[torch.Tensor]
+) -> Tuple[_blocks.Hardest, _blocks.SidePair, _Sums, List[_Swept], _Kept]:
+    """Steps 1 and 2 in one pass over the blocks, for plans that recompute blocks.
+
+    The positive pairs come first, from row dot products (a handful per anchor): they give
+    each anchor's hardest positive, so every block's negatives can be mined as soon as the
+    block is computed. The negatives' log-sum-exp is accumulated against a running level
+    (the largest unmined negative so far), the sum rescaled whenever the level rises (as
+    memory-efficient attention does); the last level is the hardest negative, so the final
+    reference is reached by one more rescaling. The positives are mined and summed last,
+    against the hardest negative. Each recomputed block costs one matrix product in the
+    forward instead of two.
+
+    Returns the hardest pairs, both sides' shifts, the sums, the kept blocks and the
+    positives' terms (``_Kept(pa, pj, Rp, (B, 0))``).
+    """
+    w, side_n = cfg.weighting, side_pair.neg
+    B = problem.x.shape[0]
+    block_elements = B * cfg.cols
+    positives = problem.positives(block_elements)
+    min_pos = _blocks.hardest(positives).min_pos
+    minus_inf = torch.full((B,), -float("inf"), dtype=problem.x.dtype, device=problem.x.device)
+    level, acc, ref = minus_inf, None, side_n.lam
+    count_n = r_sum_n = None
+    kept: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (Rn, the block's reference level)
+    for k, c0 in enumerate(problem.starts(cfg.cols)):
+        keep = k < cfg.keep
+        Vn = problem.block(c0, cfg.cols, out=None if keep else buffer, dense=cfg.dense, positives=False).Vn
+        if w.log_sum_exp:  # the level rises to this block's largest (unmined) negative
+            new_level = torch.maximum(level, Vn.amax(1))
+            new_ref = torch.where(new_level > -float("inf"), new_level, 0.0)
+            if acc is not None:  # sum exp(c (V - a)) = sum exp(c (V - b)) * exp(c (a - b)), a <= b
+                acc = acc * torch.exp(
+                    torch.where(level > -float("inf"), side_n.coef * (ref - new_ref), -float("inf"))
+                )
+            level, ref = new_level, new_ref
+        else:
+            level = torch.maximum(level, Vn.amax(1))
+        terms, num = _negative_terms(cfg, Vn, side_n, ref, min_pos, counts=cfg.counts)
+        acc = terms.acc if acc is None else acc + terms.acc
+        if num is not None:
+            count_n = num if count_n is None else count_n + num
+        if not w.log_sum_exp:
+            part = terms.R.sum(1)
+            r_sum_n = part if r_sum_n is None else r_sum_n + part
+        if keep:
+            kept.append((terms.R, ref))
+    assert acc is not None, "no references"
+    hard = _blocks.Hardest(min_pos, level)
+    shifts = _blocks.side_shifts(side_pair, hard, cfg.epsilon, w)
+    kept_neg = _blocks.kept_sides(hard, cfg.epsilon).neg
+
+    def to_final(level_ref: torch.Tensor) -> torch.Tensor:
+        """``exp(coef * (level - ref))`` to the final reference; 0 where the side keeps nothing."""
+        gap = torch.where(kept_neg, side_n.coef * (level_ref - shifts.neg.ref), -float("inf"))
+        return torch.exp(gap)
+
+    if w.log_sum_exp:
+        acc = acc * to_final(ref)
+        swept = [_Swept(R, to_final(r)) for R, r in kept]
+    else:  # "self": every block already against the threshold
+        swept = [_Swept(R, torch.ones_like(r)) for R, r in kept]
+    bt = _block_terms(cfg, positives, side_pair, shifts, hard, counts=cfg.counts)
+    pos_r = bt.terms.pos
+    counts = None if bt.counts is None else _blocks.SidePair(bt.counts.pos, count_n)
+    r_sum = None if w.log_sum_exp else _blocks.SidePair(positives.row_sum(pos_r.R), r_sum_n)
+    sums = _Sums(_blocks.SidePair(pos_r.acc, acc), counts, r_sum)
+    return hard, shifts, sums, swept, _Kept(bt.block.pa, bt.block.pj, pos_r.R, positives.Vn)
+
+
 def _finish(
     cfg: _Config, side_pair: _blocks.SidePair, shifts: _blocks.SidePair, sums: _Sums
 ) -> Tuple[_blocks.SidePair, _blocks.SidePair]:
@@ -326,11 +477,17 @@ class _FusedMS(torch.autograd.Function):
     ) -> Tuple[torch.Tensor, ...]:
         problem = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
         with torch.autocast(x.device.type, enabled=False):
-            buffer = _working_buffer(problem, cfg)  # shared by both passes
-            hard, blocks = _hardest_pass(problem, cfg, buffer)
+            buffer = _working_buffer(problem, cfg)  # shared by the passes
             side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
-            shifts = _blocks.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
-            sums, kept = _accumulate(problem, cfg, side_pair, shifts, hard, blocks, buffer)
+            kept_out: Tuple[torch.Tensor, ...]
+            if cfg.one_pass:
+                hard, shifts, sums, swept, positives = _one_pass(problem, cfg, side_pair, buffer)
+                kept_out = (*positives.tensors()[:3], *(t for k in swept for t in k))  # pa, pj, Rp
+            else:
+                hard, blocks = _hardest_pass(problem, cfg, buffer)
+                shifts = _blocks.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
+                sums, kept = _accumulate(problem, cfg, side_pair, shifts, hard, blocks, buffer)
+                kept_out = tuple(t for k in kept for t in k.tensors())
             side_losses, wsums = _finish(cfg, side_pair, shifts, sums)
         losses = side_losses.pos.loss + side_losses.neg.loss
         if sums.counts is None:  # not counted: zeros (two tensors: outputs must be distinct)
@@ -351,7 +508,7 @@ class _FusedMS(torch.autograd.Function):
             side_losses.neg.scale,
             *_outputs(shifts.pos, lam_pos, lam_neg),
             *_outputs(shifts.neg, lam_pos, lam_neg),
-            *(t for k in kept for t in k.tensors()),
+            *kept_out,
         )
 
     @staticmethod
@@ -362,8 +519,11 @@ class _FusedMS(torch.autograd.Function):
         extra = (ref_scale,) if ref_scale is not None else ()
         flat = output[_FIXED_OUTPUTS:]
         # dense kept blocks (small) are saved, and left intact by the backward; listed ones
-        # (large) are held on ctx and become the gradient blocks in place (see the class doc)
-        saved_kept = flat if cfg.dense else ()
+        # (large) are held on ctx and become the gradient blocks in place (see the class doc);
+        # one-pass: the positives' (pa, pj, Rp) are saved, the kept blocks held on ctx
+        saved_kept = flat[:3] if cfg.one_pass else flat if cfg.dense else ()
+        if cfg.one_pass:
+            flat = flat[3:]
         ctx.save_for_backward(
             x,
             y,
@@ -376,7 +536,10 @@ class _FusedMS(torch.autograd.Function):
             *extra,
             *saved_kept,
         )
-        ctx.kept = [] if cfg.dense else _Kept.split(flat, cfg.kept_outputs)
+        if cfg.one_pass:
+            ctx.kept = [_Swept(*flat[i : i + 2]) for i in range(0, len(flat), 2)]
+        else:
+            ctx.kept = [] if cfg.dense else _Kept.split(flat, cfg.kept_outputs)
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zero gradients the size of the kept blocks
 
@@ -389,8 +552,10 @@ class _FusedMS(torch.autograd.Function):
         min_pos, max_neg, scale_p, scale_n, ref_p, shift_p, ref_n, shift_n = saved[7:15]
         ref_scale = saved[15] if ctx.has_ref_scale else None
         cfg = ctx.cfg
-        if cfg.dense:  # saved, not to be overwritten
-            kept = _Kept.split(saved[15 + ctx.has_ref_scale :], cfg.kept_outputs)
+        kept_saved = saved[15 + ctx.has_ref_scale :]
+        kept: List[Any]  # of _Kept, or of _Swept (one-pass)
+        if cfg.dense and not cfg.one_pass:  # saved, not to be overwritten
+            kept = list(_Kept.split(kept_saved, cfg.kept_outputs))
         else:
             kept = ctx.kept
             ctx.kept = []  # consumed: a second backward (retain_graph) recomputes the blocks
@@ -413,29 +578,46 @@ class _FusedMS(torch.autograd.Function):
             n_blocks = len(problem.starts(cfg.cols))
             buffer = x.new_empty((x.shape[0], cfg.cols)) if len(kept) < n_blocks else None
             for k, c0 in enumerate(problem.starts(cfg.cols)):
-                in_place = k >= len(kept) or not cfg.dense  # a saved block stays intact
-                if k < len(kept):
-                    terms = kept[k]
+                in_place = k >= len(kept) or not cfg.dense or cfg.one_pass  # a saved block stays intact
+                a_row, blk = a_neg, None  # blk: the block's positives (the two-pass forward)
+                if cfg.one_pass:  # the block's negatives; its positives are in the saved list
+                    if k < len(kept):
+                        Rn, factor = kept[k]  # a _Swept
+                        a_row = a_neg * factor
+                    else:
+                        Vn = problem.block(c0, cfg.cols, out=buffer, dense=cfg.dense, positives=False).Vn
+                        Rn = _negative_terms(cfg, Vn, side_pair.neg, shifts.neg.ref, min_pos)[0].R
+                        factor = None
+                    if needs[3]:
+                        sum_rn += Rn.sum(1) if factor is None else Rn.sum(1) * factor
                 else:
-                    blk = problem.block(c0, cfg.cols, out=buffer, dense=cfg.dense)
-                    bt = _block_terms(cfg, blk, side_pair, shifts, hard)
-                    terms = _Kept(bt.block.pa, bt.block.pj, bt.terms.pos.R, bt.terms.neg.R)
-                blk, Rp, Rn = terms.block(), terms.Rp, terms.Rn
-                if needs[2]:
-                    sum_rp += blk.row_sum(Rp)
-                if needs[3]:
-                    sum_rn += Rn.sum(1)
+                    if k < len(kept):
+                        terms = kept[k]
+                    else:
+                        b = problem.block(c0, cfg.cols, out=buffer, dense=cfg.dense)
+                        bt = _block_terms(cfg, b, side_pair, shifts, hard)
+                        terms = _Kept(bt.block.pa, bt.block.pj, bt.terms.pos.R, bt.terms.neg.R)
+                    blk, Rp, Rn = terms.block(), terms.Rp, terms.Rn
+                    if needs[2]:
+                        sum_rp += blk.row_sum(Rp)
+                    if needs[3]:
+                        sum_rn += Rn.sum(1)
                 # dL/dS = w_neg - w_pos; the positives are 0 in Rn, and Rp (dense) off them
-                G = Rn.mul_(a_neg[:, None]) if in_place else Rn * a_neg[:, None]
-                if blk.pa is None:
+                G = Rn.mul_(a_row[:, None]) if in_place else Rn * a_row[:, None]
+                if blk is not None and blk.pa is None:
                     G.sub_(Rp * a_pos[:, None])
-                else:
+                elif blk is not None:
                     G.index_put_((blk.pa, blk.pj), -Rp * a_pos[blk.pa], accumulate=True)
                 c1 = c0 + G.shape[1]
                 if dx is not None:
                     dx.addmm_(problem.scale_columns_(G, c0), y[c0:c1])
                 if dy is not None:
                     dy[c0:c1] = G.T @ x
+            if cfg.one_pass:  # the positives, pair by pair: dL/dS = -w_pos
+                pa, pj, Rp = kept_saved[:3]
+                if needs[2]:
+                    sum_rp += torch.zeros_like(g).index_add_(0, pa, Rp)
+                problem.positive_grads_(dx, dy, pa, pj, -Rp * a_pos[pa], x.shape[0] * cfg.cols)
         d_lp = a_pos * sum_rp if needs[2] else None  # dL/dlam_pos = +sum w_pos
         d_ln = -a_neg * sum_rn if needs[3] else None  # dL/dlam_neg = -sum w_neg
         return dx, dy, d_lp, d_ln, None, None, None, None, None
@@ -517,7 +699,9 @@ def ms_terms_fused(
         return _blocks.MSTerms(zero, none, none, zero.detach(), zero.detach())
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     plan = plan_blocks(B, y.shape[0], x.element_size(), chunk_size, budget)
-    cfg = _Config(float(alpha), float(beta), epsilon, w, plan.cols, plan.keep, counts, plan.dense)
+    cfg = _Config(
+        float(alpha), float(beta), epsilon, w, plan.cols, plan.keep, counts, plan.dense, plan.one_pass
+    )
     ref_scale = _inverse_norms(y, ref_norm_p)
     inputs = _distinct(x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index)
     out = _FusedMS.apply(*inputs, cfg, ref_scale)

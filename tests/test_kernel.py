@@ -121,6 +121,7 @@ def test_block_plans_stay_inside_the_budget(B, M, budget):
     block = 4 * B * plan.cols
     n_blocks = -(-M // plan.cols)
     assert 1 <= plan.cols <= M and 0 <= plan.keep <= n_blocks
+    assert plan.one_pass == (plan.keep < n_blocks)  # recomputed blocks: the one-pass forward
     assert plan.dense == (B * plan.cols <= _kernel.DENSE_ELEMENTS)
     kept, working = (2, 1) if plan.dense else (1, 2)  # block copies: per kept block, working ones
     assert plan.keep == 0 or (kept * plan.keep + working) * block <= budget
@@ -134,6 +135,74 @@ def test_default_budget_keeps_the_memory_cases_of_the_benchmark():
     for M in (16384, 65536, 262144):  # batch 256, float32: every block kept with 512 MiB
         plan = _kernel.plan_blocks(256, M, 4, None, _kernel.DEFAULT_MEMORY_BUDGET)
         assert plan.keep == -(-M // plan.cols)
+
+
+def fused_against_dense(x, ref, y, ref_y, self_index, weighting, epsilon, chunk_size, budget, seed=0):
+    """The kernel's losses, stats and gradients (unequal anchor weights) next to the dense path's."""
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    lam = (0.5 + 0.1 * torch.randn(2, n, generator=g, dtype=torch.float64)).to(x).requires_grad_(True)
+    upstream = torch.rand(n, generator=g, dtype=torch.float64).to(x)
+    kw = dict(alpha=2.0, beta=50.0, weighting=weighting, epsilon=epsilon)
+    pos, neg = F_ms.pair_masks(y, ref_y, self_index)
+    dense = F_ms.ms_terms(x @ ref.T, pos, neg, lam_pos=lam[0], lam_neg=lam[1], **kw)
+    g_dense = torch.autograd.grad((dense.losses * upstream).sum(), (x, ref, lam))
+    fused = _kernel.ms_terms_fused(
+        x, ref, y, ref_y, self_index, lam[0], lam[1], chunk_size=chunk_size, memory_budget=budget, **kw
+    )
+    g_fused = torch.autograd.grad((fused.losses * upstream).sum(), (x, ref, lam))
+    for a, b in zip((*fused, *g_fused), (*dense, *g_dense)):
+        assert torch.isfinite(a.double()).all()
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("chunk_size, budget", [(3, 0), (3, 3 * 24 * 8), (None, 24 * 8)])
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+@pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
+def test_one_pass_forward_on_similarities_far_beyond_exp_range(
+    device, chunk_size, budget, epsilon, weighting
+):
+    """Raw embeddings of norm ~30: exponents of thousands, so a log-sum-exp level that rose
+    across blocks without rescaling the running sum would overflow or vanish. References in
+    ascending order of similarity to the anchors' mean make the level rise block after block."""
+    x, y = make_batch(30, n=24, dim=8, classes=5, device=device, dtype=torch.float64)
+    ref, ref_y = make_batch(31, n=37, dim=8, classes=5, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        x.mul_(10)
+        order = torch.argsort(ref @ x.mean(0))
+    ref = (ref.detach()[order] * 10).requires_grad_(True)
+    self_index = torch.full((24,), -1, device=device)
+    fused_against_dense(x, ref, y, ref_y[order], self_index, weighting, epsilon, chunk_size, budget)
+
+
+REFERENCE_CLASSES = {  # 30 references; anchors of classes 9, 0, 7 and 3 (own copy at 29)
+    "three classes": [0] * 10 + [7] * 19 + [3],
+    "one class": [7] * 30,  # anchors of class 7 have no negatives, the others no positives
+}
+
+
+@pytest.mark.parametrize("classes", list(REFERENCE_CLASSES))
+@pytest.mark.parametrize("budget", [0, 3 * 5 * 20 * 8])  # nothing kept; the first block kept
+@pytest.mark.parametrize("epsilon", [None, 0.1, 2.0])
+@pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_one_pass_forward_with_empty_and_mined_away_sides(device, classes, budget, epsilon, weighting, scale):
+    """Anchors without positives (class 9; class 3, whose only reference is its own copy),
+    without negatives ("one class"), with positives in the first block only (class 0), and
+    epsilon=2, which mines whole sides away; ``scale`` 30 puts a mined-away side's hardest
+    negative hundreds of units above its threshold (its exponent far beyond exp's range)."""
+    x, _ = make_batch(32, n=20, dim=8, device=device, dtype=torch.float64)
+    ref, _ = make_batch(33, n=30, dim=8, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        xn = (torch.nn.functional.normalize(x, dim=1) * scale).requires_grad_(True)
+        rn = (torch.nn.functional.normalize(ref, dim=1) * scale).requires_grad_(True)
+    ref_y = torch.tensor(REFERENCE_CLASSES[classes], device=device)
+    y = torch.tensor([9, 9, 0, 0, 7, 7, 7, 3] + [0, 7] * 6, device=device)
+    self_index = torch.full((20,), -1, device=device)
+    self_index[7] = 29
+    plan = _kernel.plan_blocks(20, 30, 8, 5, budget)
+    assert plan.one_pass and plan.keep == (budget > 0)
+    fused_against_dense(xn, rn, y, ref_y, self_index, weighting, epsilon, 5, budget)
 
 
 def test_chunk_columns():
