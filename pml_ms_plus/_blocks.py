@@ -47,7 +47,7 @@ entry of :data:`WEIGHTING_TABLE`. Everything is computed in float32 or wider.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -303,13 +303,19 @@ def mine_(block: Block, epsilon: float, hard: Hardest) -> Block:
     (possibly over more references than this block). The comparisons are those
     of PML's miner, in ``S``'s dtype, so the pair sets agree exactly.
     """
-    drop = (block.sp - epsilon) >= block.per_pair(hard.max_neg)
-    sp = block.sp.masked_fill_(drop, _INF) if block.dense else block.sp.masked_fill(drop, _INF)
     mine_negatives_(block.Vn, epsilon, hard.min_pos)
+    return mine_positives(block, epsilon, hard.max_neg)
+
+
+def mine_positives(block: Block, epsilon: float, max_neg: torch.Tensor) -> Block:
+    """The positive half of :func:`mine_`: ``sp = +inf`` where ``sp - epsilon >= max_neg``
+    (``max_neg``: ``(B,)``, each anchor's hardest negative); in place in the dense layout."""
+    drop = (block.sp - epsilon) >= block.per_pair(max_neg)
+    sp = block.sp.masked_fill_(drop, _INF) if block.dense else block.sp.masked_fill(drop, _INF)
     return block._replace(sp=sp)
 
 
-def mine_negatives_(Vn: torch.Tensor, epsilon: float, min_pos: torch.Tensor) -> torch.Tensor:
+def mine_negatives_(Vn: torch.Tensor, epsilon: Threshold, min_pos: torch.Tensor) -> torch.Tensor:
     """The negative half of :func:`mine_`, in place: ``Vn = -inf`` where ``Vn + epsilon <= min_pos``
     (``min_pos``: ``(B,)``, each anchor's hardest positive)."""
     return Vn.masked_fill_((Vn + epsilon) <= min_pos[:, None], -_INF)
@@ -381,7 +387,7 @@ def check_weighting(weighting: str) -> None:
 class Side(NamedTuple):
     """One side of the loss: ``z = coef * (S - lam)``; ``coef`` is ``-alpha`` or ``beta``."""
 
-    coef: float
+    coef: Threshold  # a float (a 0-d tensor inside the compiled negatives)
     lam: torch.Tensor  # (B,)
 
 
@@ -435,19 +441,20 @@ class PairTerms(NamedTuple):
 def side_terms(
     V: torch.Tensor,
     side: Side,
-    shift: Shift,
+    ref: torch.Tensor,
     weighting: Weighting,
     rows: Optional[torch.Tensor] = None,
     inplace: bool = False,
 ) -> PairTerms:
-    """A side's :class:`PairTerms` for the values ``V``.
+    """A side's :class:`PairTerms` for the values ``V`` against the ``(B,)`` level ``ref``
+    (``z - shift = coef * (V - ref)``, see :class:`Shift`).
 
     ``V`` is ``(B, M)`` dense, or ``(P,)`` values of pairs whose anchor rows are
     ``rows``. Excluded pairs (``V = +-inf``) give ``R = 0``. ``inplace=True``
     overwrites ``V`` (no autograd).
     """
-    ref = shift.ref[:, None] if rows is None else shift.ref[rows]
-    z = torch.sub(V, ref, out=V) if inplace else V - ref
+    level = ref[:, None] if rows is None else ref[rows]
+    z = torch.sub(V, level, out=V) if inplace else V - level
     z = z.mul_(side.coef)
     if weighting.log_sum_exp:
         R = terms = z.exp_()
@@ -455,7 +462,31 @@ def side_terms(
         R, terms = torch.sigmoid(z), F.softplus(z)
     if rows is None:
         return PairTerms(R, terms.sum(1))
-    return PairTerms(R, torch.zeros_like(shift.shift).index_add(0, rows, terms))
+    return PairTerms(R, torch.zeros_like(ref.detach()).index_add(0, rows, terms))
+
+
+def negative_terms(
+    Vn: torch.Tensor,
+    side: Side,
+    ref: torch.Tensor,
+    min_pos: torch.Tensor,
+    epsilon: Optional[Threshold],
+    weighting: Weighting,
+    counts: bool,
+    inplace: bool = False,
+) -> Tuple[PairTerms, Optional[torch.Tensor]]:
+    """The negative side of a ``(B, M)`` block: mined against each anchor's hardest
+    positive ``min_pos`` over all references (if ``epsilon``; ``Vn`` is filled in
+    place), its kept pairs counted per anchor (``None`` unless ``counts``), and its
+    :class:`PairTerms` against the level ``ref`` (``inplace``: ``R`` in ``Vn``'s storage).
+
+    The one function for the negatives of every block; the fused kernel may run it
+    through ``torch.compile``, which turns its passes over the block into one.
+    """
+    if epsilon is not None:
+        mine_negatives_(Vn, epsilon, min_pos)
+    num = (Vn != -_INF).sum(1) if counts else None
+    return side_terms(Vn, side, ref, weighting, inplace=inplace), num
 
 
 class SideLoss(NamedTuple):
@@ -530,6 +561,7 @@ def block_terms(
     epsilon: Optional[float],
     inplace: bool = False,
     counts: bool = False,
+    negatives: Callable[..., Tuple[PairTerms, Optional[torch.Tensor]]] = negative_terms,
 ) -> BlockTerms:
     """Mine (if ``epsilon``) and compute both sides' terms of one block.
 
@@ -537,18 +569,16 @@ def block_terms(
     the ``acc`` of each side can be summed over blocks before
     :func:`side_finish`. ``inplace=True`` overwrites ``Vn`` (then ``block.Vn``
     holds the negative side's ``R``). ``counts=True`` counts the kept pairs.
+    ``negatives``: :func:`negative_terms`, or the same function compiled.
     """
     if epsilon is not None:
-        block = mine_(block, epsilon, hard)
-    num = pair_counts(block) if counts else None
-    pos = side_terms(block.sp, side_pair.pos, shifts.pos, weighting, rows=block.pa, inplace=inplace)
-    neg = side_terms(block.Vn, side_pair.neg, shifts.neg, weighting, inplace=inplace)
-    return BlockTerms(block, SidePair(pos, neg), shifts, num)
-
-
-def pair_counts(block: Block) -> SidePair:
-    """Per-anchor numbers of kept positive and negative pairs, ``(B,)`` long each."""
-    return SidePair(block.row_sum(block.kept_pos()), block.kept_neg().sum(1))
+        block = mine_positives(block, epsilon, hard.max_neg)
+    num_pos = block.row_sum(block.kept_pos()) if counts else None  # before sp becomes R
+    pos = side_terms(block.sp, side_pair.pos, shifts.pos.ref, weighting, rows=block.pa, inplace=inplace)
+    neg, num_neg = negatives(
+        block.Vn, side_pair.neg, shifts.neg.ref, hard.min_pos, epsilon, weighting, counts, inplace
+    )
+    return BlockTerms(block, SidePair(pos, neg), shifts, SidePair(num_pos, num_neg) if counts else None)
 
 
 class _DenseResult(NamedTuple):

@@ -32,7 +32,7 @@ same loss instead, so second derivatives are exact (``gradgradcheck`` passes);
 
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -106,12 +106,36 @@ class _Config(NamedTuple):
     counts: bool
     dense: bool  # the dense layout of the positives
     one_pass: bool  # some blocks recomputed: the one-pass forward (:func:`_one_pass`)
+    compile_blocks: bool = False  # the negatives of listed blocks through torch.compile
+
+    def negatives(self) -> Callable[..., Tuple[_blocks.PairTerms, Optional[torch.Tensor]]]:
+        """:func:`_blocks.negative_terms` for this problem's blocks: compiled for large
+        (listed) blocks when asked for, else eager."""
+        return _compiled_negative_terms if self.compile_blocks and not self.dense else _blocks.negative_terms
+
+    def gradient_block(self) -> Callable[..., torch.Tensor]:
+        """:func:`_gradient_block`, compiled under the same rule as :meth:`negatives`."""
+        return (
+            _compiled("gradient", _gradient_block)
+            if self.compile_blocks and not self.dense
+            else _gradient_block
+        )
 
     @property
     def kept_outputs(self) -> int:
         """Output tensors per kept block: ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed,
         ``(Rn, factor)`` one-pass (see :class:`_Swept`)."""
         return 2 if self.dense or self.one_pass else 4
+
+
+def _gradient_block(
+    R: torch.Tensor, rows: torch.Tensor, cols: Optional[torch.Tensor], in_place: bool
+) -> torch.Tensor:
+    """``R * rows[:, None] (* cols[None, :])``: a block's negative weights times the upstream
+    gradient (and the column scale of references normalised in the kernel); in ``R``'s
+    storage when ``in_place``."""
+    G = R.mul_(rows[:, None]) if in_place else R * rows[:, None]
+    return G if cols is None else G.mul_(cols)
 
 
 class _Problem(NamedTuple):
@@ -296,6 +320,7 @@ def _block_terms(
         epsilon=cfg.epsilon,
         inplace=True,
         counts=counts,
+        negatives=cfg.negatives(),
     )
 
 
@@ -339,14 +364,50 @@ def _negative_terms(
     min_pos: torch.Tensor,
     counts: bool = False,
 ) -> Tuple[_blocks.PairTerms, Optional[torch.Tensor]]:
-    """A block's negatives mined against ``min_pos`` (over all references) and turned
-    into their :class:`_blocks.PairTerms` against the level ``ref``, in place; and the
-    kept pairs per anchor (``None`` unless ``counts``)."""
-    if cfg.epsilon is not None:
-        _blocks.mine_negatives_(Vn, cfg.epsilon, min_pos)
-    num = _blocks.negatives_only(Vn).kept_neg().sum(1) if counts else None
-    shift = _blocks.Shift(ref, torch.zeros_like(ref))  # side_terms reads the level only
-    return _blocks.side_terms(Vn, side, shift, cfg.weighting, inplace=True), num
+    """:func:`_blocks.negative_terms` of a block under ``cfg``, in place."""
+    return cfg.negatives()(Vn, side, ref, min_pos, cfg.epsilon, cfg.weighting, counts, True)
+
+
+_COMPILED: dict = {}  # name -> compiled function, made on first use
+
+
+def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile(fn, dynamic=True)``, once per process: dynamic shapes, so that a
+    filling memory or a last, smaller batch does not recompile."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True)
+    return _COMPILED[name]
+
+
+def _compiled_negative_terms(
+    Vn: torch.Tensor,
+    side: _blocks.Side,
+    ref: torch.Tensor,
+    min_pos: torch.Tensor,
+    epsilon: Optional[float],
+    weighting: _blocks.Weighting,
+    counts: bool,
+    inplace: bool,
+) -> Tuple[_blocks.PairTerms, Optional[torch.Tensor]]:
+    """:func:`_blocks.negative_terms` through ``torch.compile`` (inductor: C++ on the CPU,
+    Triton on a GPU): its passes over the block fused into one.
+
+    Compiled once per process (:func:`_compiled`). The hyper-parameters enter as 0-d
+    tensors and no mining as mining against ``-inf`` (which drops nothing), and the pairs
+    are always counted (free in the fused pass), so the graphs depend on the weighting
+    and dtype alone, not on ``alpha``/``beta``/``epsilon``: no recompilation per loss of
+    an ablation grid.
+    """
+    fn = _compiled("negatives", _blocks.negative_terms)
+
+    def scalar(v: _blocks.Threshold) -> torch.Tensor:
+        return torch.tensor(v, dtype=Vn.dtype, device=Vn.device)
+
+    if epsilon is None:
+        min_pos, epsilon = torch.full_like(min_pos, -float("inf")), 0.0
+    side = _blocks.Side(scalar(side.coef), side.lam)
+    terms, num = fn(Vn, side, ref, min_pos, scalar(epsilon), weighting, True, inplace)
+    return terms, num if counts else None
 
 
 def _one_pass(
@@ -602,15 +663,21 @@ class _FusedMS(torch.autograd.Function):
                         sum_rp += blk.row_sum(Rp)
                     if needs[3]:
                         sum_rn += Rn.sum(1)
-                # dL/dS = w_neg - w_pos; the positives are 0 in Rn, and Rp (dense) off them
-                G = Rn.mul_(a_row[:, None]) if in_place else Rn * a_row[:, None]
-                if blk is not None and blk.pa is None:
-                    G.sub_(Rp * a_pos[:, None])
-                elif blk is not None:
-                    G.index_put_((blk.pa, blk.pj), -Rp * a_pos[blk.pa], accumulate=True)
-                c1 = c0 + G.shape[1]
+                # dL/dS = w_neg - w_pos; the positives are 0 in Rn, and Rp (dense) off them;
+                # d(S * ref_scale)/dS: the columns scaled
+                c1 = c0 + Rn.shape[1]
+                cols = None if ref_scale is None else ref_scale[c0:c1]
+                G = cfg.gradient_block()(Rn, a_row, cols, in_place)
+                if blk is not None:
+                    w_pos = -Rp * blk.per_pair(a_pos)
+                    if cols is not None:
+                        w_pos = w_pos * (cols if blk.pj is None else cols[blk.pj])
+                    if blk.pa is None:
+                        G.add_(w_pos)
+                    else:
+                        G.index_put_((blk.pa, blk.pj), w_pos, accumulate=True)
                 if dx is not None:
-                    dx.addmm_(problem.scale_columns_(G, c0), y[c0:c1])
+                    dx.addmm_(G, y[c0:c1])
                 if dy is not None:
                     dy[c0:c1] = G.T @ x
             if cfg.one_pass:  # the positives, pair by pair: dL/dS = -w_pos
@@ -676,6 +743,7 @@ def ms_terms_fused(
     memory_budget: Optional[int] = None,
     counts: bool = True,
     ref_norm_p: Optional[float] = None,
+    compile_blocks: bool = False,
 ) -> _blocks.MSTerms:
     """:func:`_blocks.dense_terms` for ``S = x @ y.T`` without storing ``(B, M)`` blocks.
 
@@ -688,6 +756,8 @@ def ms_terms_fused(
     ``ref_norm_p``: if set, ``y`` is raw and is p-normalised implicitly: the
     similarity block's columns are scaled by ``1 / |y_j|`` (no ``(M, D)``
     normalised copy; ``y`` must not require grad).
+    ``compile_blocks``: the negatives of blocks over :data:`DENSE_ELEMENTS` similarities
+    through ``torch.compile`` (see :func:`_compiled_negative_terms`).
     """
     w = _blocks.get_weighting(weighting)
     dtype = _blocks.compute_dtype(x.dtype)
@@ -700,7 +770,16 @@ def ms_terms_fused(
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     plan = plan_blocks(B, y.shape[0], x.element_size(), chunk_size, budget)
     cfg = _Config(
-        float(alpha), float(beta), epsilon, w, plan.cols, plan.keep, counts, plan.dense, plan.one_pass
+        float(alpha),
+        float(beta),
+        epsilon,
+        w,
+        plan.cols,
+        plan.keep,
+        counts,
+        plan.dense,
+        plan.one_pass,
+        compile_blocks,
     )
     ref_scale = _inverse_norms(y, ref_norm_p)
     inputs = _distinct(x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index)

@@ -274,6 +274,8 @@ def test_no_pairs_gives_zero_that_backpropagates(device, case):
         (dict(chunk_size=0), "chunk_size"),
         (dict(memory_budget=-1), "memory_budget"),
         (dict(memory_budget=1.5), "memory_budget"),
+        (dict(compile_blocks="yes"), "compile_blocks"),
+        (dict(compile_blocks=1), "compile_blocks"),
     ],
 )
 def test_bad_arguments(kwargs, message):

@@ -1,6 +1,7 @@
 """CrossBatchMemory: PML parity over steps, the self-copy difference, warm-up, checkpoints, bad input."""
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.reducers import DoNothingReducer
 
-from pml_ms_plus import losses, miners
+from pml_ms_plus import _kernel, losses, miners
 
 DIM, MEMORY, BATCH = 16, 50, 24  # 50 is no multiple of 24: the ring buffer wraps mid-batch
 
@@ -59,6 +60,33 @@ def test_parity_with_pml_over_steps(device, dtype, with_mask, variant):
         assert torch.equal(ours.label_memory, theirs.label_memory)
         assert ours.queue_idx == theirs.queue_idx and ours.has_been_filled == theirs.has_been_filled
     assert ours.has_been_filled  # the ring buffer wrapped around
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler"
+)
+def test_compiled_blocks_in_a_filling_memory_match_pml_without_recompiling(device, monkeypatch):
+    """``MSLoss(compile_blocks=True)`` in the memory: PML's numbers at every step while the
+    memory fills (24, 48, then 50 references) and wraps; after the first two steps no step
+    recompiles (``fail_on_recompile`` raises if one would), a smaller batch included."""
+    monkeypatch.setattr(_kernel, "DENSE_ELEMENTS", 0)  # these small blocks listed: compiled
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1, compile_blocks=True), DIM, memory_size=MEMORY)
+    ours = ours.to(device)
+    theirs = pml_memory(device, torch.float32)
+    batches = [(x, y) for x, y, _ in steps(device, torch.float32)]
+    batches.append(make_batch(399, n=13, dim=DIM, classes=4, device=device))
+    try:
+        for step, (x, y) in enumerate(batches):
+            if step == 2:
+                torch.compiler.set_stance("fail_on_recompile")
+            a = ours(x, y)
+            (ga,) = torch.autograd.grad(a, x)
+            b = theirs(x, y)
+            (gb,) = torch.autograd.grad(b, x)
+            torch.testing.assert_close(a, b, **tol(torch.float32))
+            torch.testing.assert_close(ga, gb, **tol(torch.float32))
+    finally:
+        torch.compiler.set_stance("default")
 
 
 def lonely_anchor_reference(x, y, mem, mem_y, self_index, epsilon=0.1, alpha=2.0, beta=50.0, base=0.5):

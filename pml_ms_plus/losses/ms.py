@@ -53,6 +53,13 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             512 MiB): the whole batch x references block is computed once and
             kept for the backward when it fits three times; beyond that, blocks
             of 1/8 of the budget, as many kept as fit, the others recomputed.
+        compile_blocks: run the elementwise math of large similarity blocks
+            (over 2**16 pairs: memories, large batches) through ``torch.compile``
+            (inductor: C++ on the CPU, needing a C++ compiler; Triton on a GPU):
+            mining, exponentials and sums of a block's negatives in one pass
+            instead of about eight. A one-time compilation per process (seconds);
+            a filling memory does not recompile. Default ``False``: eager, the
+            same function, the same pairs.
         fused: ``None`` (default) takes the fused path where it applies;
             ``False`` forces the dense autograd path; ``True`` requires the
             fused path (``ValueError`` where it does not apply). For debugging
@@ -101,6 +108,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         check_finite: bool = True,
         chunk_size: Optional[int] = None,
         memory_budget: Optional[int] = None,
+        compile_blocks: bool = False,
         fused: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
@@ -115,6 +123,8 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0
         ):
             raise ValueError(f"memory_budget must be an int >= 0 (bytes) or None, got {memory_budget!r}")
+        if not isinstance(compile_blocks, bool):
+            raise ValueError(f"compile_blocks must be True or False, got {compile_blocks!r}")
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         super().__init__(alpha=alpha, beta=beta, base=base, **kwargs)
@@ -124,6 +134,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         self.check_finite = check_finite
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
+        self.compile_blocks = compile_blocks
         self.add_to_recordable_attributes(list_of_names=["epsilon"], is_stat=False)
         self.add_to_recordable_attributes(list_of_names=_STATS, is_stat=True)
 
@@ -315,6 +326,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             memory_budget=self.memory_budget,
             counts=self.collect_stats,
             ref_norm_p=ref_norm_p,
+            compile_blocks=self.compile_blocks,
         )
 
     def _dense_block(self, problem: MSProblem) -> DenseSimilarities:
