@@ -13,6 +13,11 @@ instead of letting autograd store ``(B, M)`` intermediates:
 * backward: per block ``G = g * (w_neg - w_pos)``, ``dx += G @ y_blk``,
   ``dy_blk = G.T @ x``.
 
+When some blocks are recomputed, steps 1 and 2 are one pass (:func:`_one_pass`):
+positives first, from row dot products, then each block's negatives mined and
+summed against a running maximum. The negatives of a large block go through one
+function, :func:`_blocks.negative_terms`, eager or (``compile_blocks``) compiled.
+
 Memory: a budget in bytes (``memory_budget``, default :data:`DEFAULT_MEMORY_BUDGET`
 = 512 MiB) bounds the extra memory. When the whole ``(B, M)`` block and two
 working copies fit, it is one block, computed once and kept for the backward
@@ -398,6 +403,8 @@ def _compiled_negative_terms(
     and dtype alone, not on ``alpha``/``beta``/``epsilon``: no recompilation per loss of
     an ablation grid.
     """
+    if not Vn.numel():  # the one-pass positives' block has no negatives: no graph for size 0
+        return _blocks.negative_terms(Vn, side, ref, min_pos, epsilon, weighting, counts, inplace)
     fn = _compiled("negatives", _blocks.negative_terms)
 
     def scalar(v: _blocks.Threshold) -> torch.Tensor:
