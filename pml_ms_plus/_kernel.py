@@ -446,16 +446,15 @@ def _one_pass(
     for k, c0 in enumerate(problem.starts(cfg.cols)):
         keep = k < cfg.keep
         Vn = problem.block(c0, cfg.cols, out=None if keep else buffer, dense=cfg.dense, positives=False).Vn
-        if w.log_sum_exp:  # the level rises to this block's largest (unmined) negative
-            new_level = torch.maximum(level, Vn.amax(1))
+        new_level = torch.maximum(level, Vn.amax(1))  # this block's largest (unmined) negative
+        if w.log_sum_exp:  # the sums follow the level ("self" stays against the threshold)
             new_ref = torch.where(new_level > -float("inf"), new_level, 0.0)
             if acc is not None:  # sum exp(c (V - a)) = sum exp(c (V - b)) * exp(c (a - b)), a <= b
                 acc = acc * torch.exp(
                     torch.where(level > -float("inf"), side_n.coef * (ref - new_ref), -float("inf"))
                 )
-            level, ref = new_level, new_ref
-        else:
-            level = torch.maximum(level, Vn.amax(1))
+            ref = new_ref
+        level = new_level
         terms, num = _negative_terms(cfg, Vn, side_n, ref, min_pos, counts=cfg.counts)
         acc = terms.acc if acc is None else acc + terms.acc
         if num is not None:
@@ -623,7 +622,7 @@ class _FusedMS(torch.autograd.Function):
         kept_saved = saved[15 + ctx.has_ref_scale :]
         kept: List[Any]  # of _Kept, or of _Swept (one-pass)
         if cfg.dense and not cfg.one_pass:  # saved, not to be overwritten
-            kept = list(_Kept.split(kept_saved, cfg.kept_outputs))
+            kept = list(_Kept.split(kept_saved, cfg.kept_outputs))  # List[Any] for mypy
         else:
             kept = ctx.kept
             ctx.kept = []  # consumed: a second backward (retain_graph) recomputes the blocks
