@@ -449,19 +449,23 @@ def side_terms(
     """A side's :class:`PairTerms` for the values ``V`` against the ``(B,)`` level ``ref``
     (``z - shift = coef * (V - ref)``, see :class:`Shift`).
 
-    ``V`` is ``(B, M)`` dense, or ``(P,)`` values of pairs whose anchor rows are
+    ``V`` is ``(B, M)`` dense, ``(2, B, M)`` for both sides stacked (:func:`signed_terms`:
+    ``ref`` ``(2, B)``, ``coef`` ``(2, 1)``), or ``(P,)`` values of pairs whose anchor rows are
     ``rows``. Excluded pairs (``V = +-inf``) give ``R = 0``. ``inplace=True``
     overwrites ``V`` (no autograd).
     """
-    level = ref[:, None] if rows is None else ref[rows]
+    level = ref[..., None] if rows is None else ref[rows]
     z = torch.sub(V, level, out=V) if inplace else V - level
-    z = z.mul_(side.coef)
+    coef = side.coef
+    if torch.is_tensor(coef) and coef.ndim:  # stacked sides: a (2, 1) coef over (2, B, M)
+        coef = coef[..., None]
+    z = z.mul_(coef)
     if weighting.log_sum_exp:
         R = terms = z.exp_()
     else:
         R, terms = torch.sigmoid(z), F.softplus(z)
     if rows is None:
-        return PairTerms(R, terms.sum(1))
+        return PairTerms(R, terms.sum(-1))
     return PairTerms(R, torch.zeros_like(ref.detach()).index_add(0, rows, terms))
 
 
@@ -497,9 +501,10 @@ class SideLoss(NamedTuple):
     scale: torch.Tensor
 
 
-def side_finish(acc: torch.Tensor, shift: Shift, coef: float, weighting: Weighting) -> SideLoss:
-    """A side's :class:`SideLoss` from its ``acc`` (summed over every block)."""
-    k = abs(coef)
+def side_finish(acc: torch.Tensor, shift: Shift, coef: Threshold, weighting: Weighting) -> SideLoss:
+    """A side's :class:`SideLoss` from its ``acc`` (summed over every block; ``(2, B)`` with a
+    ``(2, 1)`` ``coef`` for stacked sides)."""
+    k = coef.abs() if isinstance(coef, torch.Tensor) else abs(coef)
     if not weighting.log_sum_exp:
         return SideLoss(acc / k, torch.ones_like(acc))
     s = shift.shift
@@ -581,35 +586,99 @@ def block_terms(
     return BlockTerms(block, SidePair(pos, neg), shifts, SidePair(num_pos, num_neg) if counts else None)
 
 
-class _DenseResult(NamedTuple):
-    block: Block
-    terms: SidePair  # of PairTerms (detached R)
-    losses: SidePair  # of SideLoss
-    counts: SidePair
+# ------------------------------------------------------------ both sides stacked
+# A dense block's two sides as one (2, B, M) tensor of *hardness* U: U[0] = -S on the
+# positive pairs, U[1] = S on the negative pairs, -inf elsewhere. Larger is harder on both
+# sides, so one reduction gives both hardest pairs (h = (-min_pos, max_neg)), one comparison
+# mines both sides, and each formula of a side holds for the stack with
+# coef = (alpha, beta) and lam = (-lam_pos, lam_neg): alpha * (-S - (-lam)) is
+# -alpha * (S - lam) exactly (negation is exact), and likewise every mining comparison, so the
+# stack keeps the same pairs and forms the same exponents as the two sides one by one, in half
+# the operator calls (the exponentials themselves may differ in the last bit: vector lanes).
 
 
-def _dense(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, params: "MSParams") -> _DenseResult:
-    w = get_weighting(params.weighting)
+def signed_sides(alpha: float, beta: float, lam_pos: torch.Tensor, lam_neg: torch.Tensor) -> Side:
+    """Both sides as one :class:`Side` over a signed block: ``coef`` ``(2, 1)`` =
+    ``(alpha, beta)``, ``lam`` ``(2, B)`` = ``(-lam_pos, lam_neg)``."""
+    coef = torch.tensor([[float(alpha)], [float(beta)]], dtype=lam_pos.dtype, device=lam_pos.device)
+    return Side(coef, torch.stack((-lam_pos, lam_neg)))
+
+
+def signed_block(
+    S: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor, self_index: torch.Tensor
+) -> torch.Tensor:
+    """The signed ``(2, B, M)`` block of ``S`` for label-defined pairs (see :func:`pair_masks`;
+    ``self_index`` outside ``[0, M)``: no own copy). A new tensor; no autograd."""
+    eq = labels[:, None] == ref_labels[None, :]
+    own = torch.arange(S.shape[1], device=S.device) == self_index[:, None]
+    dropped = torch.stack((~eq, eq)) | own  # per side: not its pair
+    return torch.stack((-S, S)).masked_fill_(dropped, -_INF)
+
+
+def signed_from_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """The signed ``(2, B, M)`` block of ``S`` for explicit masks (differentiable in ``S``)."""
+    return torch.where(torch.stack((pos, neg)), torch.stack((-S, S)), -_INF)
+
+
+class SignedTerms(NamedTuple):
+    """Both sides of a signed block, stacked: ``(2, B, M)`` pair terms ``R`` (0 off the kept
+    pairs), and ``(2, B)`` each: the hardest values ``h`` (``-min_pos``, ``max_neg``), the
+    :class:`Shift` (``ref`` signed), the sums ``acc``, the kept pairs (when counted) and
+    the :class:`SideLoss`."""
+
+    R: torch.Tensor
+    hard: torch.Tensor
+    shift: Shift
+    acc: torch.Tensor
+    counts: Optional[torch.Tensor]
+    loss: SideLoss
+
+
+def signed_terms(
+    U: torch.Tensor,
+    side: Side,
+    epsilon: Optional[float],
+    weighting: Weighting,
+    counts: bool = False,
+    inplace: bool = False,
+) -> SignedTerms:
+    """Mining (if ``epsilon``) and both sides' terms and losses of a signed block ``U``
+    (:func:`signed_block`; ``side``: :func:`signed_sides`), as :func:`hardest`,
+    :func:`kept_sides`, :func:`mine_`, :func:`side_shift`, :func:`side_terms` and
+    :func:`side_finish` compute them per side. ``inplace=True`` overwrites ``U`` (no autograd)."""
+    if U.shape[-1]:
+        h = U.detach().amax(-1)
+    else:  # no references
+        h = U.new_full(U.shape[:-1], -_INF)
+    bound = -h.flip(0)  # each side's bound: the other side's hardest (min_pos, -max_neg)
+    if epsilon is None:
+        kept = h != -_INF
+    else:  # a side keeps a pair with U + eps > bound: exactly mine_'s comparisons, negated
+        kept = ~((h + epsilon) <= bound)
+        drop = (U + epsilon) <= bound[..., None]
+        U = U.masked_fill_(drop, -_INF) if inplace else U.masked_fill(drop, -_INF)
+    num = (U != -_INF).sum(-1) if counts else None
+    shift = side_shift(side, h, kept, weighting)
+    terms = side_terms(U, side, shift.ref, weighting, inplace=inplace)
+    return SignedTerms(terms.R, h, shift, terms.acc, num, side_finish(terms.acc, shift, side.coef, weighting))
+
+
+def _dense(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, params: "MSParams") -> SignedTerms:
+    """Both sides of a dense block with masks, stacked (differentiable in ``S`` and the thresholds)."""
     S = S.to(compute_dtype(S.dtype))
     B = S.shape[0]
-    block = block_from_masks(S, pos, neg)
-    side_pair = sides(params.alpha, params.beta, _as_row(params.lam_pos, B, S), _as_row(params.lam_neg, B, S))
-    hard = hardest(block)
-    shifts = side_shifts(side_pair, hard, params.epsilon, w)
-    bt = block_terms(block, side_pair, shifts, hard, weighting=w, epsilon=params.epsilon, counts=True)
-    losses = SidePair(*(side_finish(t.acc, sh, s.coef, w) for t, sh, s in zip(bt.terms, shifts, side_pair)))
-    terms = SidePair(*(PairTerms(t.R.detach(), t.acc.detach()) for t in bt.terms))
-    assert bt.counts is not None
-    return _DenseResult(bt.block, terms, losses, bt.counts)
-
-
-def _weight_sums(res: _DenseResult, weighting: Weighting) -> SidePair:
-    r = SidePair(None, None)
-    if not weighting.log_sum_exp:
-        r = SidePair(res.block.row_sum(res.terms.pos.R), res.terms.neg.R.sum(1))
-    return SidePair(
-        *(weight_sum(t.acc, rs, sl.scale, weighting) for t, rs, sl in zip(res.terms, r, res.losses))
+    side = signed_sides(
+        params.alpha, params.beta, _as_row(params.lam_pos, B, S), _as_row(params.lam_neg, B, S)
     )
+    w = get_weighting(params.weighting)
+    return signed_terms(signed_from_masks(S, pos, neg), side, params.epsilon, w, counts=True)
+
+
+def signed_weight_sums(t: SignedTerms, weighting: Weighting) -> torch.Tensor:
+    """``(2, B)`` per-anchor sums of both sides' pair weights (see :func:`weight_sum`; not
+    differentiable)."""
+    r_sum = None if weighting.log_sum_exp else t.R.detach().sum(-1)
+    return weight_sum(t.acc.detach(), r_sum, t.loss.scale, weighting)
 
 
 class MSParams(NamedTuple):
@@ -625,9 +694,10 @@ class MSParams(NamedTuple):
 
 def dense_terms(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, params: MSParams) -> MSTerms:
     """:class:`MSTerms` of a dense block with masks (differentiable in ``S`` and thresholds)."""
-    res = _dense(S, pos, neg, params)
-    ws = _weight_sums(res, get_weighting(params.weighting))
-    return MSTerms(res.losses.pos.loss + res.losses.neg.loss, *res.counts, *ws)
+    t = _dense(S, pos, neg, params)
+    assert t.counts is not None
+    ws = signed_weight_sums(t, get_weighting(params.weighting))
+    return MSTerms(t.loss.loss.sum(0), *t.counts.unbind(0), *ws.unbind(0))
 
 
 @torch.no_grad()
@@ -635,9 +705,8 @@ def dense_pair_weights(
     S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, params: MSParams
 ) -> PairWeights:
     """Dense :class:`PairWeights` of a block with masks."""
-    res = _dense(S, pos, neg, params)
-    tp, tn = res.terms  # dense layout (block_from_masks): R is 0 off the kept pairs
-    return PairWeights(tp.R * res.losses.pos.scale[:, None], tn.R * res.losses.neg.scale[:, None])
+    t = _dense(S, pos, neg, params)  # R is 0 off the kept pairs
+    return PairWeights(*(t.R * t.loss.scale[..., None]).unbind(0))
 
 
 class RowSums(NamedTuple):

@@ -37,6 +37,7 @@ same loss instead, so second derivatives are exact (``gradgradcheck`` passes);
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -62,12 +63,14 @@ class BlockPlan(NamedTuple):
     """How the references are split: ``cols`` per block, the first ``keep`` blocks kept;
     ``dense``: the blocks hold their positives in the dense layout (see :class:`_blocks.Block`);
     ``one_pass``: some blocks are recomputed, so the forward makes one pass over the blocks
-    (see :func:`_one_pass`) instead of two."""
+    (see :func:`_one_pass`) instead of two; ``stacked``: one dense block, kept, computed with
+    both sides stacked (:func:`_stacked_block`, the small-batch path)."""
 
     cols: int
     keep: int
     dense: bool = False
     one_pass: bool = False
+    stacked: bool = False
 
 
 def plan_blocks(
@@ -98,7 +101,7 @@ def plan_blocks(
     # listed (S and a temporary), one dense (the dense layout works in place)
     kept_copies, working_copies = (2, 1) if dense else (1, 2)
     keep = min(n_blocks, max(0, (memory_budget - working_copies * row * cols) // (kept_copies * row * cols)))
-    return BlockPlan(cols, keep, dense, one_pass=keep < n_blocks)
+    return BlockPlan(cols, keep, dense, one_pass=keep < n_blocks, stacked=dense and n_blocks == keep == 1)
 
 
 class _Config(NamedTuple):
@@ -112,6 +115,7 @@ class _Config(NamedTuple):
     dense: bool  # the dense layout of the positives
     one_pass: bool  # some blocks recomputed: the one-pass forward (:func:`_one_pass`)
     compile_blocks: bool = False  # the negatives of listed blocks through torch.compile
+    stacked: bool = False  # one dense kept block, both sides stacked (:func:`_stacked_block`)
 
     def negatives(self) -> Callable[..., Tuple[_blocks.PairTerms, Optional[torch.Tensor]]]:
         """:func:`_blocks.negative_terms` for this problem's blocks: compiled for large
@@ -129,8 +133,8 @@ class _Config(NamedTuple):
     @property
     def kept_outputs(self) -> int:
         """Output tensors per kept block: ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed,
-        ``(Rn, factor)`` one-pass (see :class:`_Swept`)."""
-        return 2 if self.dense or self.one_pass else 4
+        ``(Rn, factor)`` one-pass (see :class:`_Swept`), ``R`` (both sides) stacked."""
+        return 1 if self.stacked else 2 if self.dense or self.one_pass else 4
 
 
 def _gradient_block(
@@ -297,8 +301,10 @@ class _Kept(NamedTuple):
     @staticmethod
     def split(flat: Tuple[torch.Tensor, ...], per_block: int) -> List["_Kept"]:
         """The kept blocks of the Function's flat outputs (``per_block`` tensors each:
-        ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed)."""
+        ``R`` stacked, ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed)."""
         parts = [flat[i : i + per_block] for i in range(0, len(flat), per_block)]
+        if per_block == 1:  # stacked: R is (2, B, M), both sides
+            return [_Kept(None, None, *p[0].unbind(0)) for p in parts]
         return [_Kept(None, None, *p) if per_block == 2 else _Kept(*p) for p in parts]
 
     def block(self) -> _blocks.Block:
@@ -502,9 +508,58 @@ def _finish(
     return side_losses, wsums
 
 
-# losses, 2 counts, 2 weight sums; saved for the backward: 2 hardest, 2 scales, 2 shifts (ref and
-# shift each); then the kept blocks' tensors (_Config.kept_outputs each)
-_FIXED_OUTPUTS = 13
+class _State(NamedTuple):
+    """What the backward needs per anchor, each ``(2, B)`` (rows: positive, negative side) in the
+    signed convention of :func:`_blocks.signed_terms`; one ``(8, B)`` output of the Function."""
+
+    hard: torch.Tensor  # (-min_pos, max_neg)
+    scale: torch.Tensor  # of the pair weights
+    ref: torch.Tensor  # (-ref_p, ref_n): the shifts' reference levels
+    shift: torch.Tensor
+
+    @staticmethod
+    def of_sides(hard: _blocks.Hardest, losses: _blocks.SidePair, shifts: _blocks.SidePair) -> torch.Tensor:
+        """The packed state of the per-side passes."""
+        sp, sn = shifts
+        rows = (
+            -hard.min_pos,
+            hard.max_neg,
+            losses.pos.scale,
+            losses.neg.scale,
+            -sp.ref,
+            sn.ref,
+            sp.shift,
+            sn.shift,
+        )
+        return torch.stack(rows)
+
+    @staticmethod
+    def unpack(packed: torch.Tensor) -> "_State":
+        return _State(*packed.view(4, 2, -1).unbind(0))
+
+    def hardest(self) -> _blocks.Hardest:
+        return _blocks.Hardest(-self.hard[0], self.hard[1])
+
+    def shifts(self) -> _blocks.SidePair:
+        return _blocks.SidePair(
+            _blocks.Shift(-self.ref[0], self.shift[0]), _blocks.Shift(self.ref[1], self.shift[1])
+        )
+
+
+def _stacked_block(
+    problem: _Problem, cfg: _Config, lam_pos: torch.Tensor, lam_neg: torch.Tensor
+) -> _blocks.SignedTerms:
+    """The whole problem as one dense block with both sides stacked (:func:`_blocks.signed_terms`):
+    the small-batch path, the same numbers as the per-side passes in half the operator calls."""
+    S = problem.scale_columns_(torch.matmul(problem.x, problem.y.T), 0)
+    U = _blocks.signed_block(S, problem.labels, problem.ref_labels, problem.self_index)
+    side = _blocks.signed_sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
+    return _blocks.signed_terms(U, side, cfg.epsilon, cfg.weighting, counts=cfg.counts, inplace=True)
+
+
+# losses, counts (2, B), weight sums (2, B), the _State (8, B); then the kept blocks' tensors
+# (_Config.kept_outputs each)
+_FIXED_OUTPUTS = 4
 
 
 class _FusedMS(torch.autograd.Function):
@@ -533,7 +588,7 @@ class _FusedMS(torch.autograd.Function):
     @staticmethod
     def forward(
         x: torch.Tensor,
-        y: torch.Tensor,
+        y: Optional[torch.Tensor],
         lam_pos: torch.Tensor,
         lam_neg: torch.Tensor,
         labels: torch.Tensor,
@@ -542,8 +597,21 @@ class _FusedMS(torch.autograd.Function):
         cfg: _Config,
         ref_scale: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, ...]:
-        problem = _Problem(x, y, labels, ref_labels, self_index, ref_scale)
+        problem = _Problem(x, x if y is None else y, labels, ref_labels, self_index, ref_scale)
+        no_counts = (
+            torch.zeros((2, x.shape[0]), dtype=torch.long, device=x.device) if not cfg.counts else None
+        )
+        # few outputs (autograd's bookkeeping costs ~8 us per output): per-anchor values stacked
+        # per side, the backward's state packed in one (8, B) tensor (a new tensor: a threshold
+        # input may be a side's reference level, and an input cannot be an output)
         with torch.autocast(x.device.type, enabled=False):
+            if cfg.stacked:
+                t = _stacked_block(problem, cfg, lam_pos, lam_neg)
+                wsums = _blocks.signed_weight_sums(t, cfg.weighting)
+                state = torch.cat((t.hard, t.loss.scale, t.shift.ref, t.shift.shift))
+                counts = t.counts if no_counts is None else no_counts
+                assert counts is not None
+                return (t.loss.loss.sum(0), counts, wsums, state, t.R)
             buffer = _working_buffer(problem, cfg)  # shared by the passes
             side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
             kept_out: Tuple[torch.Tensor, ...]
@@ -555,33 +623,17 @@ class _FusedMS(torch.autograd.Function):
                 shifts = _blocks.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
                 sums, kept = _accumulate(problem, cfg, side_pair, shifts, hard, blocks, buffer)
                 kept_out = tuple(t for k in kept for t in k.tensors())
-            side_losses, wsums = _finish(cfg, side_pair, shifts, sums)
+            side_losses, wsums_ = _finish(cfg, side_pair, shifts, sums)
         losses = side_losses.pos.loss + side_losses.neg.loss
-        if sums.counts is None:  # not counted: zeros (two tensors: outputs must be distinct)
-            counts = _blocks.SidePair(
-                *(torch.zeros(x.shape[0], dtype=torch.long, device=x.device) for _ in "pn")
-            )
-        else:
-            counts = sums.counts
-        return (
-            losses,
-            counts.pos,
-            counts.neg,
-            wsums.pos,
-            wsums.neg,
-            hard.min_pos,
-            hard.max_neg,
-            side_losses.pos.scale,
-            side_losses.neg.scale,
-            *_outputs(shifts.pos, lam_pos, lam_neg),
-            *_outputs(shifts.neg, lam_pos, lam_neg),
-            *kept_out,
-        )
+        counts = torch.stack(sums.counts) if sums.counts is not None else no_counts
+        state = _State.of_sides(hard, side_losses, shifts)
+        return (losses, counts, torch.stack(wsums_), state, *kept_out)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
         x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg, ref_scale = inputs
         ctx.cfg = cfg
+        ctx.same_refs = y is None  # the anchors are the references (in-batch)
         ctx.has_ref_scale = ref_scale is not None
         extra = (ref_scale,) if ref_scale is not None else ()
         flat = output[_FIXED_OUTPUTS:]
@@ -599,7 +651,7 @@ class _FusedMS(torch.autograd.Function):
             labels,
             ref_labels,
             self_index,
-            *output[5:_FIXED_OUTPUTS],
+            output[3],
             *extra,
             *saved_kept,
         )
@@ -616,10 +668,13 @@ class _FusedMS(torch.autograd.Function):
         if g is None:  # the losses were not used: nothing flows back
             return (None,) * 9
         x, y, lam_pos, lam_neg, labels, ref_labels, self_index = saved[:7]
-        min_pos, max_neg, scale_p, scale_n, ref_p, shift_p, ref_n, shift_n = saved[7:15]
-        ref_scale = saved[15] if ctx.has_ref_scale else None
+        same = ctx.same_refs
+        y = x if same else y
+        state = _State.unpack(saved[7])
+        scale_p, scale_n = state.scale
+        ref_scale = saved[8] if ctx.has_ref_scale else None
         cfg = ctx.cfg
-        kept_saved = saved[15 + ctx.has_ref_scale :]
+        kept_saved = saved[8 + ctx.has_ref_scale :]
         kept: List[Any]  # of _Kept, or of _Swept (one-pass)
         if cfg.dense and not cfg.one_pass:  # saved, not to be overwritten
             kept = list(_Kept.split(kept_saved, cfg.kept_outputs))  # List[Any] for mypy
@@ -631,18 +686,22 @@ class _FusedMS(torch.autograd.Function):
         if needs[1] and ref_scale is not None:
             raise RuntimeError("references normalised inside the kernel cannot receive gradients")
         if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
-            return (*_differentiable_grads(problem, cfg, lam_pos, lam_neg, g, needs), *(None,) * 5)
+            return (*_differentiable_grads(problem, cfg, lam_pos, lam_neg, g, needs, same), *(None,) * 5)
         with torch.autocast(x.device.type, enabled=False):
             g = g.to(x.dtype)
-            hard = _blocks.Hardest(min_pos, max_neg)
-            side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
-            shifts = _blocks.SidePair(_blocks.Shift(ref_p, shift_p), _blocks.Shift(ref_n, shift_n))
-            a_pos, a_neg = g * scale_p, g * scale_n  # w = R * scale, times the upstream grad
-            dx = torch.zeros_like(x) if needs[0] else None
-            dy = torch.zeros_like(y) if needs[1] else None
-            sum_rp = torch.zeros_like(g)
-            sum_rn = torch.zeros_like(g)
             n_blocks = len(problem.starts(cfg.cols))
+            if cfg.one_pass or len(kept) < n_blocks:  # what recomputing a block needs
+                hard, shifts = state.hardest(), state.shifts()
+                min_pos = hard.min_pos
+                side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
+            a_pos, a_neg = g * scale_p, g * scale_n  # w = R * scale, times the upstream grad
+            dx: Optional[torch.Tensor] = None  # the first block's product, then accumulated
+            # anchors as references, one block: dL/dx = (G + G^T) x, one product instead of two
+            fold = same and n_blocks == 1 and not cfg.one_pass
+            ref_grads = (needs[1] or same and needs[0]) and not fold
+            dy = torch.empty_like(y) if ref_grads else None  # every row is one block's product
+            sum_rp = torch.zeros_like(g) if needs[2] else None
+            sum_rn = torch.zeros_like(g) if needs[3] else None
             buffer = x.new_empty((x.shape[0], cfg.cols)) if len(kept) < n_blocks else None
             for k, c0 in enumerate(problem.starts(cfg.cols)):
                 in_place = k >= len(kept) or not cfg.dense or cfg.one_pass  # a saved block stays intact
@@ -655,7 +714,7 @@ class _FusedMS(torch.autograd.Function):
                         Vn = problem.block(c0, cfg.cols, out=buffer, dense=cfg.dense, positives=False).Vn
                         Rn = _negative_terms(cfg, Vn, side_pair.neg, shifts.neg.ref, min_pos)[0].R
                         factor = None
-                    if needs[3]:
+                    if sum_rn is not None:
                         sum_rn += Rn.sum(1) if factor is None else Rn.sum(1) * factor
                 else:
                     if k < len(kept):
@@ -665,16 +724,18 @@ class _FusedMS(torch.autograd.Function):
                         bt = _block_terms(cfg, b, side_pair, shifts, hard)
                         terms = _Kept(bt.block.pa, bt.block.pj, bt.terms.pos.R, bt.terms.neg.R)
                     blk, Rp, Rn = terms.block(), terms.Rp, terms.Rn
-                    if needs[2]:
+                    if sum_rp is not None:
                         sum_rp += blk.row_sum(Rp)
-                    if needs[3]:
+                    if sum_rn is not None:
                         sum_rn += Rn.sum(1)
                 # dL/dS = w_neg - w_pos; the positives are 0 in Rn, and Rp (dense) off them;
                 # d(S * ref_scale)/dS: the columns scaled
                 c1 = c0 + Rn.shape[1]
                 cols = None if ref_scale is None else ref_scale[c0:c1]
                 G = cfg.gradient_block()(Rn, a_row, cols, in_place)
-                if blk is not None:
+                if blk is not None and blk.pa is None and cols is None:  # dense: G -= Rp * a_pos
+                    G.addcmul_(Rp, a_pos[:, None], value=-1.0)
+                elif blk is not None:
                     w_pos = -Rp * blk.per_pair(a_pos)
                     if cols is not None:
                         w_pos = w_pos * (cols if blk.pj is None else cols[blk.pj])
@@ -682,18 +743,27 @@ class _FusedMS(torch.autograd.Function):
                         G.add_(w_pos)
                     else:
                         G.index_put_((blk.pa, blk.pj), w_pos, accumulate=True)
-                if dx is not None:
-                    dx.addmm_(G, y[c0:c1])
+                if fold and needs[0]:
+                    dx = (G + G.T) @ x
+                elif needs[0]:
+                    dx = G @ y[c0:c1] if dx is None else dx.addmm_(G, y[c0:c1])
                 if dy is not None:
-                    dy[c0:c1] = G.T @ x
+                    torch.matmul(G.T, x, out=dy[c0:c1])
             if cfg.one_pass:  # the positives, pair by pair: dL/dS = -w_pos
                 pa, pj, Rp = kept_saved[:3]
-                if needs[2]:
+                if sum_rp is not None:
                     sum_rp += torch.zeros_like(g).index_add_(0, pa, Rp)
                 problem.positive_grads_(dx, dy, pa, pj, -Rp * a_pos[pa], x.shape[0] * cfg.cols)
-        d_lp = a_pos * sum_rp if needs[2] else None  # dL/dlam_pos = +sum w_pos
-        d_ln = -a_neg * sum_rn if needs[3] else None  # dL/dlam_neg = -sum w_neg
+            if same and dx is not None and dy is not None:  # the references' part is the anchors'
+                dx, dy = dx.add_(dy), None
+        d_lp = None if sum_rp is None else a_pos * sum_rp  # dL/dlam_pos = +sum w_pos
+        d_ln = None if sum_rn is None else -a_neg * sum_rn  # dL/dlam_neg = -sum w_neg
         return dx, dy, d_lp, d_ln, None, None, None, None, None
+
+
+# Function.apply binds its arguments to forward's signature on every call (setup_context);
+# a stored signature spares inspect re-deriving it (~40 us of a small batch's step)
+_FusedMS.forward.__signature__ = inspect.signature(_FusedMS.forward)  # type: ignore[attr-defined]
 
 
 def _differentiable_grads(
@@ -703,13 +773,17 @@ def _differentiable_grads(
     lam_neg: torch.Tensor,
     g: torch.Tensor,
     needs: Tuple[bool, ...],
+    same_refs: bool = False,
 ) -> List[Optional[torch.Tensor]]:
     """The input gradients from the dense differentiable path, with ``create_graph``.
 
-    Each input enters through its own view, so that ``y is x`` or
-    ``lam_pos is lam_neg`` still give each argument its own partial derivative.
+    Each input enters through its own view, so that ``lam_pos is lam_neg`` still gives
+    each argument its own partial derivative; ``same_refs``: the anchors are the
+    references (``y`` was passed as ``None``), one leaf for both.
     """
     leaves = [t.view_as(t) for t in (problem.x, problem.y, lam_pos, lam_neg)]
+    if same_refs:
+        leaves[1] = leaves[0]
     x, y, lp, ln = leaves
     S = problem._replace(x=x, y=y).dense_similarities()
     pos, neg = _blocks.pair_masks(problem.labels, problem.ref_labels, problem.self_index)
@@ -767,7 +841,9 @@ def ms_terms_fused(
     """
     w = _blocks.get_weighting(weighting)
     dtype = _blocks.compute_dtype(x.dtype)
-    x, y = x.to(dtype), y.to(dtype)
+    same_refs = y is x  # in-batch: the anchors are the references
+    x = x.to(dtype)
+    y = x if same_refs else y.to(dtype)
     B = x.shape[0]
     if B == 0 or y.shape[0] == 0:  # no pairs: zero losses that still backpropagate
         zero = x.sum(1) * 0 + y.sum() * 0
@@ -786,18 +862,18 @@ def ms_terms_fused(
         plan.dense,
         plan.one_pass,
         compile_blocks,
+        plan.stacked,
     )
     ref_scale = _inverse_norms(y, ref_norm_p)
-    inputs = _distinct(x, y, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index)
-    out = _FusedMS.apply(*inputs, cfg, ref_scale)
-    return _blocks.MSTerms(*out[:5])
-
-
-def _outputs(shift: _blocks.Shift, *inputs: torch.Tensor) -> _blocks.Shift:
-    """A :class:`_blocks.Shift` to return from the Function: its reference level may be a
-    threshold input itself ("self"), and an input cannot be an output too."""
-    ref = shift.ref.clone() if any(shift.ref is t for t in inputs) else shift.ref
-    return _blocks.Shift(ref, shift.shift)
+    refs = None if same_refs else y  # None: the anchors themselves (one gradient product, see backward)
+    x, lp, ln, labels, ref_labels, self_index = _distinct(
+        x, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index
+    )
+    out: Tuple[torch.Tensor, ...] = _FusedMS.apply(
+        x, refs, lp, ln, labels, ref_labels, self_index, cfg, ref_scale
+    )
+    losses, num, wsums = out[:3]  # num: (2, B) pair counts, wsums: (2, B) weight sums
+    return _blocks.MSTerms(losses, *num.unbind(0), *wsums.unbind(0))
 
 
 def _distinct(*tensors: torch.Tensor) -> List[torch.Tensor]:

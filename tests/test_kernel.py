@@ -123,6 +123,7 @@ def test_block_plans_stay_inside_the_budget(B, M, budget):
     assert 1 <= plan.cols <= M and 0 <= plan.keep <= n_blocks
     assert plan.one_pass == (plan.keep < n_blocks)  # recomputed blocks: the one-pass forward
     assert plan.dense == (B * plan.cols <= _kernel.DENSE_ELEMENTS)
+    assert plan.stacked == (plan.dense and n_blocks == plan.keep == 1)  # the small-batch path
     kept, working = (2, 1) if plan.dense else (1, 2)  # block copies: per kept block, working ones
     assert plan.keep == 0 or (kept * plan.keep + working) * block <= budget
     if 3 * 4 * B * M <= budget:
@@ -203,6 +204,75 @@ def test_one_pass_forward_with_empty_and_mined_away_sides(device, classes, budge
     plan = _kernel.plan_blocks(20, 30, 8, 5, budget)
     assert plan.one_pass and plan.keep == (budget > 0)
     fused_against_dense(xn, rn, y, ref_y, self_index, weighting, epsilon, 5, budget)
+
+
+@pytest.mark.parametrize("epsilon", [None, 0.1, 0.125])
+@pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
+@pytest.mark.parametrize("seed", range(3))
+def test_stacked_sides_compute_the_per_side_numbers_exactly(device, epsilon, weighting, seed):
+    """``signed_terms`` (both sides as one (2, B, M) tensor, the small-batch path and the dense
+    functional path) against the per-side functions the large blocks use: the hardest pairs,
+    mining, counts and shifts bit for bit, the exponentials to the last bit, on similarities that are multiples of 1/16, so that with epsilon = 1/8 the mining comparisons
+    meet exact ties; an anchor without positives, own copies inside and outside the block."""
+    g = torch.Generator().manual_seed(40 + seed)
+    B, M = 9, 13
+    S = (torch.randint(-16, 17, (B, M), generator=g).float() / 16).to(device)
+    labels = torch.randint(0, 3, (B,), generator=g).to(device)
+    ref_labels = torch.randint(0, 3, (M,), generator=g).to(device)
+    labels[0] = 7  # an anchor without positives
+    self_index = torch.randint(-1, M, (B,), generator=g).to(device)
+    lam_pos = (0.5 + torch.randint(-4, 5, (B,), generator=g) / 16).to(device)
+    lam_neg = (0.5 + torch.randint(-4, 5, (B,), generator=g) / 16).to(device)
+    w = _blocks.get_weighting(weighting)
+    alpha, beta = 2.0, 50.0
+
+    # per side
+    block = _blocks.block_from_labels(S.clone(), labels, ref_labels, self_index, dense=True)
+    hard = _blocks.hardest(block)
+    side_pair = _blocks.sides(alpha, beta, lam_pos, lam_neg)
+    shifts = _blocks.side_shifts(side_pair, hard, epsilon, w)
+    bt = _blocks.block_terms(block, side_pair, shifts, hard, weighting=w, epsilon=epsilon, counts=True)
+    finish = [_blocks.side_finish(t.acc, sh, sd.coef, w) for t, sh, sd in zip(bt.terms, shifts, side_pair)]
+
+    # stacked
+    U = _blocks.signed_block(S.clone(), labels, ref_labels, self_index)
+    st = _blocks.signed_terms(U, _blocks.signed_sides(alpha, beta, lam_pos, lam_neg), epsilon, w, counts=True)
+
+    def same(a, b):
+        assert torch.equal(a, b), (a, b)
+
+    same(st.hard, torch.stack((-hard.min_pos, hard.max_neg)))
+    same(st.counts, torch.stack(bt.counts))
+    same(st.shift.ref, torch.stack((-shifts.pos.ref, shifts.neg.ref)))
+    same(st.shift.shift, torch.stack((shifts.pos.shift, shifts.neg.shift)))
+    assert torch.equal(st.R == 0, torch.stack((bt.terms.pos.R, bt.terms.neg.R)) == 0)  # the same pairs
+    # the exponentials may round differently in the last bit (vector lanes vs the scalar tail)
+    close = dict(rtol=2e-7, atol=0)
+    torch.testing.assert_close(st.R, torch.stack((bt.terms.pos.R, bt.terms.neg.R)), **close)
+    torch.testing.assert_close(st.acc, torch.stack((bt.terms.pos.acc, bt.terms.neg.acc)), **close)
+    torch.testing.assert_close(st.loss.loss, torch.stack([f.loss for f in finish]), **close)
+    torch.testing.assert_close(st.loss.scale, torch.stack([f.scale for f in finish]), **close)
+    assert st.counts[0, 0] == 0 and (st.counts.sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("chunk_size, budget", [(None, None), (5, None), (None, 0)])
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+def test_anchors_as_references_get_the_gradient_of_both_roles(device, layout, chunk_size, budget, epsilon):
+    """In-batch (``y is x``) the backward forms one product, ``(G + G^T) x`` (one block), or
+    adds the references' part to the anchors' (several blocks, one pass): the same losses and
+    gradients as passing the references as a separate view of the same tensor."""
+    x, y = make_batch(50, n=20, dim=6, classes=4, device=device, dtype=torch.float64)
+    lam = torch.full((20,), 0.5, dtype=torch.float64, device=device)
+    upstream = torch.rand(20, generator=torch.Generator().manual_seed(51), dtype=torch.float64).to(device)
+    kw = dict(alpha=2.0, beta=50.0, epsilon=epsilon, chunk_size=chunk_size, memory_budget=budget)
+    own = torch.arange(20, device=device)
+    results = []
+    for view in (False, True):  # the same tensor; the same values as another input
+        xn = torch.nn.functional.normalize(x, dim=1)
+        out = _kernel.ms_terms_fused(xn, xn.view_as(xn) if view else xn, y, y, own, lam, lam, **kw)
+        results.append((out.losses, *torch.autograd.grad((out.losses * upstream).sum(), x)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_chunk_columns():
