@@ -10,8 +10,8 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning import reducers as pml_reducers
 
+from pml_ms_plus import _checks, losses, miners
 from pml_ms_plus import functional as F_ms
-from pml_ms_plus import losses, miners
 
 DISTANCES = {
     "cosine": lambda: pml_distances.CosineSimilarity(),
@@ -300,6 +300,21 @@ def test_non_finite_embeddings(device, bad):
         losses.MSLoss()(x.nan_to_num(), y, ref_emb=ref, ref_labels=ref_y)
     # the opt-out gives PyTorch's NaN-in, NaN-out
     assert not torch.isfinite(losses.MSLoss(check_finite=False)(x, y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_finite_check_is_exact(device, dtype):
+    """The finite check sums the tensor first: a NaN or inf anywhere (even +inf beside -inf)
+    is caught, and finite values whose sum overflows are not mistaken for infinities."""
+    skip_if_half_unsupported(device, dtype)
+    x = torch.full((4, 3), torch.finfo(dtype).max, dtype=dtype, device=device)  # sums to inf (32/64 bit)
+    assert _checks.all_finite(x)
+    assert losses.MSLoss()(x, torch.tensor([0, 0, 1, 1], device=device)) is not None  # no ValueError
+    for bad in ([float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]):
+        y = torch.zeros(4, 3, dtype=dtype, device=device)
+        y.view(-1)[: len(bad)] = torch.tensor(bad, dtype=dtype)
+        assert not _checks.all_finite(y), bad
+    assert _checks.all_finite(torch.arange(5, device=device))  # integer tensors are finite
 
 
 def test_label_length_mismatch(device):
