@@ -13,10 +13,13 @@ from pml_ms_plus import _blocks, _kernel, losses
 from pml_ms_plus import functional as F_ms
 
 
-@pytest.fixture(params=["dense", "listed"])
+@pytest.fixture(params=["dense", "listed", "listed, anchor-major"])
 def layout(request, monkeypatch):
-    """Both layouts of a block's positives (see ``_blocks.Block``) on the same small problems."""
+    """Both layouts of a block's positives (see ``_blocks.Block``) on the same small problems;
+    listed blocks of other references are stored reference-major unless told otherwise
+    (``_kernel.REFERENCE_MAJOR``, see ``_Problem.product``)."""
     monkeypatch.setattr(_kernel, "DENSE_ELEMENTS", 2**62 if request.param == "dense" else 0)
+    monkeypatch.setattr(_kernel, "REFERENCE_MAJOR", request.param != "listed, anchor-major")
     return request.param
 
 

@@ -45,7 +45,14 @@ OURS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("variant", list(OURS))
-def test_parity_with_pml_over_steps(device, dtype, with_mask, variant):
+@pytest.mark.parametrize("blocks", ["stacked", "listed", "listed, anchor-major"])
+def test_parity_with_pml_over_steps(device, dtype, with_mask, variant, blocks, monkeypatch):
+    """Every step against PML's XBM; ``blocks``: the kernel's small-batch block (both sides
+    stacked), or the listed layout of large memories, reference-major (the eager default) or
+    anchor-major (compiled blocks)."""
+    if blocks != "stacked":
+        monkeypatch.setattr(_kernel, "DENSE_ELEMENTS", 0)
+        monkeypatch.setattr(_kernel, "REFERENCE_MAJOR", blocks == "listed")
     ours = OURS[variant]().to(device=device, dtype=dtype)
     theirs = pml_memory(device, dtype)
     tolerance = tol(dtype)
