@@ -205,11 +205,10 @@ def block_from_labels(
         if self_index is None:
             self_index = torch.arange(len(labels), device=labels.device)
     if dense:
-        eq = labels[:, None] == ref_labels[None, :]
-        if self_index is None:
+        eq, own = _same_label_and_own(labels, ref_labels, self_index, S.shape[1])
+        if own is None:
             pos, not_neg = eq, eq
-        else:  # an index outside [0, M) matches no column
-            own = torch.arange(S.shape[1], device=S.device) == self_index[:, None]
+        else:
             pos, not_neg = eq & ~own, eq | own
         sp = S.masked_fill(~pos, _INF) if positives else None
         Vn = S.masked_fill_(not_neg, -_INF) if inplace else S.masked_fill(not_neg, -_INF)
@@ -225,6 +224,17 @@ def block_from_labels(
     if self_index is not None and S.shape[1]:  # a copy whose label differs (explicit self indices)
         _exclude_own_copies_(Vn, self_index)
     return Block(pa, pj, sp, Vn) if sp is not None else negatives_only(Vn)
+
+
+def _same_label_and_own(
+    labels: torch.Tensor, ref_labels: torch.Tensor, self_index: Optional[torch.Tensor], M: int
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(B, M)`` bool: same label, and each anchor's own copy (``None`` without self indices;
+    an index outside ``[0, M)`` matches no column)."""
+    eq = labels[:, None] == ref_labels[None, :]
+    if self_index is None:
+        return eq, None
+    return eq, torch.arange(M, device=eq.device) == self_index[:, None]
 
 
 def negatives_only(Vn: torch.Tensor) -> Block:
@@ -385,10 +395,12 @@ def check_weighting(weighting: str) -> None:
 
 
 class Side(NamedTuple):
-    """One side of the loss: ``z = coef * (S - lam)``; ``coef`` is ``-alpha`` or ``beta``."""
+    """One side of the loss: ``z = coef * (S - lam)``; ``coef`` is ``-alpha`` or ``beta``.
+    Both sides stacked over a signed block (:func:`signed_sides`): ``coef`` ``(2, 1)``,
+    ``lam`` ``(2, B)``, and every per-anchor quantity of the functions below ``(2, B)``."""
 
-    coef: Threshold  # a float (a 0-d tensor inside the compiled negatives)
-    lam: torch.Tensor  # (B,)
+    coef: Threshold  # a float (a 0-d tensor inside the compiled negatives, (2, 1) stacked)
+    lam: torch.Tensor  # (B,), or (2, B) stacked
 
 
 class SidePair(NamedTuple):
@@ -403,7 +415,8 @@ def sides(alpha: float, beta: float, lam_pos: torch.Tensor, lam_neg: torch.Tenso
 
 
 class Shift(NamedTuple):
-    """A side's stabilised exponents: ``z - shift = coef * (S - ref)``, all ``(B,)``.
+    """A side's stabilised exponents: ``z - shift = coef * (S - ref)``, all ``(B,)``
+    (``(2, B)`` for stacked sides, ``ref`` signed).
 
     ``shift`` is the side's true maximum exponent over its kept pairs (``max(0, .)``
     with the ``1 +`` term; 0 for an empty side or ``"self"``); ``ref`` is the
@@ -495,7 +508,7 @@ def negative_terms(
 
 class SideLoss(NamedTuple):
     """A side's per-anchor loss and the per-anchor scale of its pair weights
-    (``w_ij = R_ij * scale_i``), both ``(B,)``."""
+    (``w_ij = R_ij * scale_i``), both ``(B,)`` (``(2, B)`` for stacked sides)."""
 
     loss: torch.Tensor
     scale: torch.Tensor
@@ -597,11 +610,18 @@ def block_terms(
 # the operator calls (the exponentials themselves may differ in the last bit: vector lanes).
 
 
+def _pair_of(first: float, second: float, like: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """A ``(2, 1, ...)`` tensor of ``(first, second)`` on ``like``'s device, by fills (no
+    host-to-device copy, so no synchronisation on CUDA)."""
+    t = like.new_full(shape, float(second))
+    t[0] = float(first)
+    return t
+
+
 def signed_sides(alpha: float, beta: float, lam_pos: torch.Tensor, lam_neg: torch.Tensor) -> Side:
     """Both sides as one :class:`Side` over a signed block: ``coef`` ``(2, 1)`` =
     ``(alpha, beta)``, ``lam`` ``(2, B)`` = ``(-lam_pos, lam_neg)``."""
-    coef = torch.tensor([[float(alpha)], [float(beta)]], dtype=lam_pos.dtype, device=lam_pos.device)
-    return Side(coef, torch.stack((-lam_pos, lam_neg)))
+    return Side(_pair_of(alpha, beta, lam_pos, (2, 1)), torch.stack((-lam_pos, lam_neg)))
 
 
 def signed_block(
@@ -609,15 +629,16 @@ def signed_block(
 ) -> torch.Tensor:
     """The signed ``(2, B, M)`` block of ``S`` for label-defined pairs (see :func:`pair_masks`;
     ``self_index`` outside ``[0, M)``: no own copy). A new tensor; no autograd."""
-    eq = labels[:, None] == ref_labels[None, :]
-    own = torch.arange(S.shape[1], device=S.device) == self_index[:, None]
-    dropped = torch.stack((~eq, eq)) | own  # per side: not its pair
-    return torch.stack((-S, S)).masked_fill_(dropped, -_INF)
+    eq, own = _same_label_and_own(labels, ref_labels, self_index, S.shape[1])
+    dropped = torch.stack((~eq, eq))  # per side: not its pair
+    if own is not None:
+        dropped |= own
+    return (S * _pair_of(-1.0, 1.0, S, (2, 1, 1))).masked_fill_(dropped, -_INF)
 
 
 def signed_from_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """The signed ``(2, B, M)`` block of ``S`` for explicit masks (differentiable in ``S``)."""
-    return torch.where(torch.stack((pos, neg)), torch.stack((-S, S)), -_INF)
+    return torch.where(torch.stack((pos, neg)), S * _pair_of(-1.0, 1.0, S, (2, 1, 1)), -_INF)
 
 
 class SignedTerms(NamedTuple):

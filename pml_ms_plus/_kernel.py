@@ -11,7 +11,13 @@ instead of letting autograd store ``(B, M)`` intermediates:
   sides, block by block;
 * forward, step 3 (:func:`_finish`): per-anchor losses and weight scales;
 * backward: per block ``G = g * (w_neg - w_pos)``, ``dx += G @ y_blk``,
-  ``dy_blk = G.T @ x``.
+  ``dy_blk = G.T @ x`` (in-batch, ``y is x``, with one block: ``dx = (G + G.T) @ x``).
+
+A problem that is one small block (:attr:`BlockPlan.stacked`, every in-batch
+``B <= 256``) is computed with both sides stacked in one signed tensor
+(:func:`_stacked_block`, :func:`_blocks.signed_terms`): the same pairs in half the
+operator calls. Large blocks against references other than the anchors are
+stored reference-major in eager mode (:meth:`_Problem.product`).
 
 When some blocks are recomputed, steps 1 and 2 are one pass (:func:`_one_pass`):
 positives first, from row dot products, then each block's negatives mined and
@@ -88,7 +94,8 @@ def plan_blocks(
     while the kept ones and two working blocks fit. Blocks of at most
     :data:`DENSE_ELEMENTS` similarities use the dense layout (a kept block then
     holds two ``(B, cols)`` tensors, beside one working block; the listed
-    layout is cheaper beyond).
+    layout is cheaper beyond); a problem that is one such block, kept, is
+    ``stacked`` (both sides in one signed tensor, :func:`_stacked_block`).
     """
     row = max(1, num_anchors) * itemsize  # bytes of one column of a block
     if chunk_size is not None:
@@ -537,21 +544,29 @@ class _State(NamedTuple):
     ref: torch.Tensor  # (-ref_p, ref_n): the shifts' reference levels
     shift: torch.Tensor
 
+    def pack(self) -> torch.Tensor:
+        """The ``(8, B)`` tensor of the Function's outputs (a new tensor)."""
+        return torch.cat(self)
+
     @staticmethod
-    def of_sides(hard: _blocks.Hardest, losses: _blocks.SidePair, shifts: _blocks.SidePair) -> torch.Tensor:
-        """The packed state of the per-side passes."""
+    def of_sides(hard: _blocks.Hardest, losses: _blocks.SidePair, shifts: _blocks.SidePair) -> "_State":
+        """The state of the per-side passes."""
         sp, sn = shifts
-        rows = (
-            -hard.min_pos,
-            hard.max_neg,
-            losses.pos.scale,
-            losses.neg.scale,
-            -sp.ref,
-            sn.ref,
-            sp.shift,
-            sn.shift,
+
+        def pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.stack((a, b))
+
+        return _State(
+            pair(-hard.min_pos, hard.max_neg),
+            pair(losses.pos.scale, losses.neg.scale),
+            pair(-sp.ref, sn.ref),
+            pair(sp.shift, sn.shift),
         )
-        return torch.stack(rows)
+
+    @staticmethod
+    def of_stacked(t: _blocks.SignedTerms) -> "_State":
+        """The state of a stacked block (already in the signed convention)."""
+        return _State(t.hard, t.loss.scale, t.shift.ref, t.shift.shift)
 
     @staticmethod
     def unpack(packed: torch.Tensor) -> "_State":
@@ -571,7 +586,7 @@ def _stacked_block(
 ) -> _blocks.SignedTerms:
     """The whole problem as one dense block with both sides stacked (:func:`_blocks.signed_terms`):
     the small-batch path, the same numbers as the per-side passes in half the operator calls."""
-    S = problem.scale_columns_(torch.matmul(problem.x, problem.y.T), 0)
+    S = problem.scale_columns_(problem.product(problem.y), 0)
     U = _blocks.signed_block(S, problem.labels, problem.ref_labels, problem.self_index)
     side = _blocks.signed_sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
     return _blocks.signed_terms(U, side, cfg.epsilon, cfg.weighting, counts=cfg.counts, inplace=True)
@@ -585,14 +600,18 @@ _FIXED_OUTPUTS = 4
 class _FusedMS(torch.autograd.Function):
     """The fused MS loss as one autograd node.
 
-    Inputs: ``x`` ``(B, D)``, ``y`` ``(M, D)``, ``lam_pos``/``lam_neg`` ``(B,)``
-    (differentiable), labels, reference labels, self indices, a :class:`_Config`
-    and the optional column scale of raw references.
+    Inputs: ``x`` ``(B, D)``, ``y`` ``(M, D)`` or ``None`` (the anchors themselves:
+    in-batch), ``lam_pos``/``lam_neg`` ``(B,)`` (differentiable), labels, reference
+    labels, self indices, a :class:`_Config` and the optional column scale of raw
+    references.
 
-    Outputs: the per-anchor losses (differentiable) and, non-differentiable: the
-    pair counts and weight sums per side, the hardest pairs and weight scales
-    (what the backward needs), and each kept block's ``(pa, pj, Rp, Rn)``
-    (``cfg.keep`` blocks, see :func:`plan_blocks`).
+    Outputs (few: autograd's bookkeeping costs ~8 us per output): the per-anchor
+    losses ``(B,)`` (differentiable) and, non-differentiable: the pair counts and
+    weight sums ``(2, B)`` (rows: positive, negative side), the packed
+    :class:`_State` ``(8, B)`` (what the backward needs), and the kept blocks'
+    tensors (:attr:`_Config.kept_outputs` per block: ``R`` of both sides when
+    stacked, ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed; one-pass: the
+    positives' ``(pa, pj, Rp)``, then ``(Rn, factor)`` per kept block).
 
     Bookkeeping, owned here: ``setup_context`` saves the inputs, the hardest
     pairs, the scales and the shifts with ``save_for_backward``. Kept blocks in
@@ -629,7 +648,7 @@ class _FusedMS(torch.autograd.Function):
             if cfg.stacked:
                 t = _stacked_block(problem, cfg, lam_pos, lam_neg)
                 wsums = _blocks.signed_weight_sums(t, cfg.weighting)
-                state = torch.cat((t.hard, t.loss.scale, t.shift.ref, t.shift.shift))
+                state = _State.of_stacked(t).pack()
                 counts = t.counts if no_counts is None else no_counts
                 assert counts is not None
                 return (t.loss.loss.sum(0), counts, wsums, state, t.R)
@@ -647,7 +666,7 @@ class _FusedMS(torch.autograd.Function):
             side_losses, wsums_ = _finish(cfg, side_pair, shifts, sums)
         losses = side_losses.pos.loss + side_losses.neg.loss
         counts = torch.stack(sums.counts) if sums.counts is not None else no_counts
-        state = _State.of_sides(hard, side_losses, shifts)
+        state = _State.of_sides(hard, side_losses, shifts).pack()
         return (losses, counts, torch.stack(wsums_), state, *kept_out)
 
     @staticmethod
@@ -711,7 +730,7 @@ class _FusedMS(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             g = g.to(x.dtype)
             n_blocks = len(problem.starts(cfg.cols))
-            if cfg.one_pass or len(kept) < n_blocks:  # what recomputing a block needs
+            if cfg.one_pass or len(kept) < n_blocks:  # what recomputing a block (below) needs
                 hard, shifts = state.hardest(), state.shifts()
                 min_pos = hard.min_pos
                 side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
@@ -849,7 +868,8 @@ def ms_terms_fused(
     """:func:`_blocks.dense_terms` for ``S = x @ y.T`` without storing ``(B, M)`` blocks.
 
     ``x``: ``(B, D)`` anchors, ``y``: ``(M, D)`` references (already normalised
-    if the similarity is cosine); ``self_index``: ``(B,)`` column of each
+    if the similarity is cosine; ``y is x``: in-batch, the gradient of both roles
+    formed at once); ``self_index``: ``(B,)`` column of each
     anchor's own copy in ``y`` (``-1``: none); ``lam_pos``/``lam_neg``: ``(B,)``
     thresholds (may require grad). The sums run in float32 or wider.
     ``counts=False`` skips counting pairs (``num_pos``/``num_neg`` are then 0).
@@ -862,7 +882,9 @@ def ms_terms_fused(
     """
     w = _blocks.get_weighting(weighting)
     dtype = _blocks.compute_dtype(x.dtype)
-    same_refs = y is x  # in-batch: the anchors are the references
+    # in-batch: the anchors are the references (references normalised in the kernel are not
+    # differentiable, so they never take this path)
+    same_refs = y is x and ref_norm_p is None
     x = x.to(dtype)
     y = x if same_refs else y.to(dtype)
     B = x.shape[0]
@@ -884,7 +906,11 @@ def ms_terms_fused(
         plan.one_pass,
         compile_blocks,
         plan.stacked,
-        transposed=REFERENCE_MAJOR and not same_refs and not plan.dense and not compile_blocks,
+        transposed=REFERENCE_MAJOR
+        and x.device.type == "cpu"  # measured there; GPU libraries pick layouts themselves
+        and not same_refs
+        and not plan.dense
+        and not compile_blocks,
     )
     ref_scale = _inverse_norms(y, ref_norm_p)
     refs = None if same_refs else y  # None: the anchors themselves (one gradient product, see backward)

@@ -278,6 +278,19 @@ def test_anchors_as_references_get_the_gradient_of_both_roles(device, layout, ch
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("view", [False, True])
+def test_references_normalised_in_the_kernel_refuse_gradients_even_in_batch(device, view):
+    """``ref_norm_p`` treats ``1 / |y_j|`` as a constant, so ``y`` must not need a gradient:
+    passing the anchors themselves as ``y`` (the in-batch shortcut) is refused like a view."""
+    x, y = make_batch(52, n=8, dim=4, classes=2, device=device)
+    lam = torch.full((8,), 0.5, device=device)
+    own = torch.arange(8, device=device)
+    refs = x.view_as(x) if view else x
+    out = _kernel.ms_terms_fused(x, refs, y, y, own, lam, lam, alpha=2.0, beta=50.0, ref_norm_p=2)
+    with pytest.raises(RuntimeError, match="normalised inside the kernel"):
+        out.losses.sum().backward()
+
+
 def test_chunk_columns():
     assert _kernel.chunk_columns(256, None) == 2**22 // 256
     assert _kernel.chunk_columns(256, 3) == 3

@@ -53,6 +53,9 @@ def test_parity_with_pml_over_steps(device, dtype, with_mask, variant, blocks, m
     if blocks != "stacked":
         monkeypatch.setattr(_kernel, "DENSE_ELEMENTS", 0)
         monkeypatch.setattr(_kernel, "REFERENCE_MAJOR", blocks == "listed")
+    stacked_calls = []
+    stacked_block = _kernel._stacked_block
+    monkeypatch.setattr(_kernel, "_stacked_block", lambda *a: stacked_calls.append(1) or stacked_block(*a))
     ours = OURS[variant]().to(device=device, dtype=dtype)
     theirs = pml_memory(device, dtype)
     tolerance = tol(dtype)
@@ -67,6 +70,8 @@ def test_parity_with_pml_over_steps(device, dtype, with_mask, variant, blocks, m
         assert torch.equal(ours.label_memory, theirs.label_memory)
         assert ours.queue_idx == theirs.queue_idx and ours.has_been_filled == theirs.has_been_filled
     assert ours.has_been_filled  # the ring buffer wrapped around
+    if variant == "fused":  # the memory's blocks went through the path named
+        assert bool(stacked_calls) == (blocks == "stacked")
 
 
 @pytest.mark.skipif(
