@@ -70,11 +70,22 @@ def all_finite(t: torch.Tensor) -> bool:
     only a sum that overflowed (huge but finite values) needs the elementwise test. One
     pass and one host synchronisation instead of the five passes of ``isfinite(t).all()``.
     """
-    if t.is_floating_point():
-        total = t.sum(dtype=torch.promote_types(t.dtype, torch.float32))
-        if math.isfinite(total.item()):
-            return True
+    if t.is_floating_point() and math.isfinite(finite_probe(t).item()):
+        return True
     return bool(torch.isfinite(t).all())
+
+
+def finite_probe(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
+    """A 0-d tensor that is finite only if every element of the floating-point ``tensors``
+    is (the sum of their sums, in float32 or wider; see :func:`all_finite`). Reading it is the
+    check's one host synchronisation: a caller that reads it in its own frame gives
+    ``torch.compile`` one graph break instead of one per nested call."""
+    total: Optional[torch.Tensor] = None
+    for t in tensors:
+        if t is not None and t.is_floating_point():
+            part = t.sum(dtype=torch.promote_types(t.dtype, torch.float32))
+            total = part if total is None else total + part
+    return torch.zeros(()) if total is None else total
 
 
 def label_dtype(labels: Optional[torch.Tensor], name: str = "labels") -> None:

@@ -359,6 +359,26 @@ def test_small_batch_path_traces_as_one_graph(case):
     torch.testing.assert_close(grad, expected_grad, **tol(torch.float32))
 
 
+def test_finite_check_splits_the_compiled_loss_once():
+    """With the finite check on (the default) ``torch.compile`` breaks the graph at its one
+    host read, in ``forward``'s own frame: two frames compiled (the part before, the rest),
+    where a read nested three calls deep compiled a frame (and a cache lookup per step) for
+    each call level. The values equal eager; a NaN is still refused."""
+    from torch._dynamo.utils import counters  # dynamo's own frame counters (test-only)
+
+    loss = losses.MSLoss(epsilon=0.1)
+    x, y = make_batch(23, n=32, dim=16, classes=8)
+    torch._dynamo.reset()
+    counters.clear()
+    value = torch.compile(loss, backend="eager")(x, y)
+    assert counters["frames"]["ok"] == 2, dict(counters["frames"])
+    torch.testing.assert_close(value, losses.MSLoss(epsilon=0.1)(x, y), **tol(torch.float32))
+    bad = x.detach().clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        torch.compile(loss, backend="eager")(bad, y)
+
+
 def test_small_batch_path_does_not_synchronise_with_the_host(device):
     if device.type != "cuda":
         pytest.skip("torch.cuda.set_sync_debug_mode exists on CUDA only (the CPU proof is the graph test)")

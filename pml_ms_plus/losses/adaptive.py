@@ -93,8 +93,9 @@ class AdaptiveMSLoss(MultiSimilarityLoss):
         labels: Optional[torch.Tensor],
         ref_emb: Optional[torch.Tensor],
         ref_labels: Optional[torch.Tensor],
+        finite: bool = True,
     ) -> None:
-        super()._check_inputs(embeddings, labels, ref_emb, ref_labels)
+        super()._check_inputs(embeddings, labels, ref_emb, ref_labels, finite)
         if self.margin_mode != "learned":
             return
         if labels is None:

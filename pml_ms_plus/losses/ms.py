@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -149,7 +150,11 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
     ) -> Any:
         """PML's ``forward`` (checks, ``ref_emb``/``ref_labels`` defaulting, reducer), with
         this package's input checks first: ``ValueError`` naming the problem."""
-        self._check_inputs(embeddings, labels, ref_emb, ref_labels)
+        self._check_inputs(embeddings, labels, ref_emb, ref_labels, finite=False)
+        # the finite check's host read here, in this frame (one graph break under torch.compile);
+        # a non-finite probe (or an overflowing sum of finite values) takes the exact check
+        if self.check_finite and not math.isfinite(_checks.finite_probe(embeddings, ref_emb).item()):
+            self._check_inputs(embeddings, labels, ref_emb, ref_labels)
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(
@@ -245,10 +250,13 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         labels: Optional[torch.Tensor],
         ref_emb: Optional[torch.Tensor],
         ref_labels: Optional[torch.Tensor],
+        finite: bool = True,
     ) -> None:
-        _checks.embeddings_and_labels(embeddings, labels, self.check_finite)
+        """Shapes, label dtypes and (``finite`` and ``check_finite``) finiteness."""
+        check = finite and self.check_finite
+        _checks.embeddings_and_labels(embeddings, labels, check)
         if ref_emb is not None:
-            _checks.embeddings_and_labels(ref_emb, ref_labels, self.check_finite, "ref_emb", "ref_labels")
+            _checks.embeddings_and_labels(ref_emb, ref_labels, check, "ref_emb", "ref_labels")
             if ref_emb.shape[1] != embeddings.shape[1]:
                 raise ValueError(
                     f"ref_emb has width {ref_emb.shape[1]} but embeddings has width {embeddings.shape[1]}"
