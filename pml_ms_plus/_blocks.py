@@ -633,12 +633,17 @@ def signed_block(
     dropped = torch.stack((~eq, eq))  # per side: not its pair
     if own is not None:
         dropped |= own
-    return (S * _pair_of(-1.0, 1.0, S, (2, 1, 1))).masked_fill_(dropped, -_INF)
+    return _signed_values(S).masked_fill_(dropped, -_INF)
 
 
 def signed_from_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """The signed ``(2, B, M)`` block of ``S`` for explicit masks (differentiable in ``S``)."""
-    return torch.where(torch.stack((pos, neg)), S * _pair_of(-1.0, 1.0, S, (2, 1, 1)), -_INF)
+    return torch.where(torch.stack((pos, neg)), _signed_values(S), -_INF)
+
+
+def _signed_values(S: torch.Tensor) -> torch.Tensor:
+    """``(-S, S)`` as one new ``(2, B, M)`` tensor (one product with the signs: exact)."""
+    return S * _pair_of(-1.0, 1.0, S, (2, 1, 1))
 
 
 class SignedTerms(NamedTuple):

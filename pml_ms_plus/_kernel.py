@@ -585,7 +585,8 @@ def _stacked_block(
     problem: _Problem, cfg: _Config, lam_pos: torch.Tensor, lam_neg: torch.Tensor
 ) -> _blocks.SignedTerms:
     """The whole problem as one dense block with both sides stacked (:func:`_blocks.signed_terms`):
-    the small-batch path, the same numbers as the per-side passes in half the operator calls."""
+    the small-batch path, the same pairs and exponents as the per-side passes in half the
+    operator calls."""
     S = problem.scale_columns_(problem.product(problem.y), 0)
     U = _blocks.signed_block(S, problem.labels, problem.ref_labels, problem.self_index)
     side = _blocks.signed_sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
