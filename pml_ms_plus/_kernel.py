@@ -603,8 +603,10 @@ class _FusedMS(torch.autograd.Function):
 
     Inputs: ``x`` ``(B, D)``, ``y`` ``(M, D)`` or ``None`` (the anchors themselves:
     in-batch), ``lam_pos``/``lam_neg`` ``(B,)`` (differentiable), labels, reference
-    labels, self indices, a :class:`_Config` and the optional column scale of raw
-    references.
+    labels, self indices, a :class:`_Config`, the optional column scale of raw
+    references and, optionally, ``x``'s unit rows and norms (:class:`UnitRows`; ``x``
+    is then raw, the math runs on the unit rows, and the backward maps the gradient
+    back through the normalisation).
 
     Outputs (few: autograd's bookkeeping costs ~8 us per output): the per-anchor
     losses ``(B,)`` (differentiable) and, non-differentiable: the pair counts and
@@ -636,7 +638,11 @@ class _FusedMS(torch.autograd.Function):
         self_index: torch.Tensor,
         cfg: _Config,
         ref_scale: Optional[torch.Tensor],
+        x_unit: Optional[torch.Tensor],
+        x_norm: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, ...]:
+        if x_unit is not None:  # x is raw, x_unit its normalised rows (see unit_rows)
+            x = x_unit
         refs = x if y is None else y
         problem = _Problem(x, refs, labels, ref_labels, self_index, ref_scale, cfg.transposed)
         no_counts = (
@@ -672,11 +678,15 @@ class _FusedMS(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
-        x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg, ref_scale = inputs
+        x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg, ref_scale, x_unit, x_norm = inputs
         ctx.cfg = cfg
         ctx.same_refs = y is None  # the anchors are the references (in-batch)
         ctx.has_ref_scale = ref_scale is not None
+        ctx.normalized = x_unit is not None
         extra = (ref_scale,) if ref_scale is not None else ()
+        if x_unit is not None:  # the backward works on the unit rows, then maps to the raw ones
+            extra += (x, x_norm)
+            x = x_unit
         flat = output[_FIXED_OUTPUTS:]
         # dense kept blocks (small) are saved, and left intact by the backward; listed ones
         # (large) are held on ctx and become the gradient blocks in place (see the class doc);
@@ -707,15 +717,17 @@ class _FusedMS(torch.autograd.Function):
     def backward(ctx: Any, g: Optional[torch.Tensor], *_: Any) -> Tuple[Optional[torch.Tensor], ...]:
         saved = ctx.saved_tensors
         if g is None:  # the losses were not used: nothing flows back
-            return (None,) * 9
+            return (None,) * 11
         x, y, lam_pos, lam_neg, labels, ref_labels, self_index = saved[:7]
         same = ctx.same_refs
         y = x if same else y
         state = _State.unpack(saved[7])
         scale_p, scale_n = state.scale
-        ref_scale = saved[8] if ctx.has_ref_scale else None
+        extra = saved[8 : 8 + ctx.has_ref_scale + 2 * ctx.normalized]
+        ref_scale = extra[0] if ctx.has_ref_scale else None
+        x_raw, x_norm = extra[-2:] if ctx.normalized else (None, None)  # raw anchors, their norms
         cfg = ctx.cfg
-        kept_saved = saved[8 + ctx.has_ref_scale :]
+        kept_saved = saved[8 + len(extra) :]
         kept: List[Any]  # of _Kept, or of _Swept (one-pass)
         if cfg.dense and not cfg.one_pass:  # saved, not to be overwritten
             kept = list(_Kept.split(kept_saved, cfg.kept_outputs))  # List[Any] for mypy
@@ -727,7 +739,8 @@ class _FusedMS(torch.autograd.Function):
         if needs[1] and ref_scale is not None:
             raise RuntimeError("references normalised inside the kernel cannot receive gradients")
         if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
-            return (*_differentiable_grads(problem, cfg, lam_pos, lam_neg, g, needs, same), *(None,) * 5)
+            grads = _differentiable_grads(problem, cfg, lam_pos, lam_neg, g, needs, same, x_raw)
+            return (*grads, *(None,) * 7)
         with torch.autocast(x.device.type, enabled=False):
             g = g.to(x.dtype)
             n_blocks = len(problem.starts(cfg.cols))
@@ -797,9 +810,11 @@ class _FusedMS(torch.autograd.Function):
                 problem.positive_grads_(dx, dy, pa, pj, -Rp * a_pos[pa], x.shape[0] * cfg.cols)
             if same and dx is not None and dy is not None:  # the references' part is the anchors'
                 dx, dy = dx.add_(dy), None
+            if x_norm is not None and dx is not None:  # through the rows' normalisation
+                dx = unit_rows_backward(dx, x, x_norm)
         d_lp = None if sum_rp is None else a_pos * sum_rp  # dL/dlam_pos = +sum w_pos
         d_ln = None if sum_rn is None else -a_neg * sum_rn  # dL/dlam_neg = -sum w_neg
-        return dx, dy, d_lp, d_ln, None, None, None, None, None
+        return dx, dy, d_lp, d_ln, None, None, None, None, None, None, None
 
 
 # Function.apply binds its arguments to forward's signature on every call (setup_context);
@@ -815,17 +830,22 @@ def _differentiable_grads(
     g: torch.Tensor,
     needs: Tuple[bool, ...],
     same_refs: bool = False,
+    x_raw: Optional[torch.Tensor] = None,
 ) -> List[Optional[torch.Tensor]]:
     """The input gradients from the dense differentiable path, with ``create_graph``.
 
     Each input enters through its own view, so that ``lam_pos is lam_neg`` still gives
     each argument its own partial derivative; ``same_refs``: the anchors are the
-    references (``y`` was passed as ``None``), one leaf for both.
+    references (``y`` was passed as ``None``), one leaf for both; ``x_raw``: the anchors
+    before their normalisation (``problem.x`` holds the unit rows), the leaf then.
     """
-    leaves = [t.view_as(t) for t in (problem.x, problem.y, lam_pos, lam_neg)]
+    first = problem.x if x_raw is None else x_raw
+    leaves = [t.view_as(t) for t in (first, problem.y, lam_pos, lam_neg)]
     if same_refs:
         leaves[1] = leaves[0]
-    x, y, lp, ln = leaves
+    x = leaves[0] if x_raw is None else torch.nn.functional.normalize(leaves[0], dim=1, eps=NORM_EPS)
+    y = x if same_refs else leaves[1]
+    lp, ln = leaves[2:]
     S = problem._replace(x=x, y=y).dense_similarities()
     pos, neg = _blocks.pair_masks(problem.labels, problem.ref_labels, problem.self_index)
     params = _blocks.MSParams(cfg.alpha, cfg.beta, lp, ln, cfg.weighting.name, cfg.epsilon)
@@ -839,12 +859,38 @@ def _differentiable_grads(
     return out
 
 
+NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps, with which PML's distances normalise
+
+
+class UnitRows(NamedTuple):
+    """Rows scaled to unit 2-norm and their norms: ``unit`` ``(B, D)``, ``norm`` ``(B, 1)``."""
+
+    unit: torch.Tensor
+    norm: torch.Tensor
+
+
+@torch.no_grad()
+def unit_rows(x: torch.Tensor) -> UnitRows:
+    """``x / max(|x_i|_2, 1e-12)`` with the norms: the values of
+    ``torch.nn.functional.normalize(x, dim=1)`` (the same operations), without autograd."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return UnitRows(x / norm.clamp_min(NORM_EPS), norm)
+
+
+def unit_rows_backward(g: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``dL/dx`` from ``g = dL/du`` for ``u = x / max(|x|, eps)`` (in place on ``g``):
+    ``(g - u (u . g)) / |x|`` where ``|x| >= eps`` (the clamp passes its input there), else
+    ``g / eps``: autograd's three nodes of ``normalize`` in one expression."""
+    dot = (unit * g).sum(1, keepdim=True).mul_(norm >= NORM_EPS)
+    return g.addcmul_(unit, dot, value=-1.0).div_(norm.clamp_min(NORM_EPS))
+
+
 def _inverse_norms(y: torch.Tensor, p: Optional[float]) -> Optional[torch.Tensor]:
     """``1 / max(|y_j|_p, 1e-12)``, as ``torch.nn.functional.normalize`` divides."""
     if p is None:
         return None
     with torch.no_grad():
-        return y.norm(p=p, dim=1).clamp_min(1e-12).reciprocal_()
+        return y.norm(p=p, dim=1).clamp_min(NORM_EPS).reciprocal_()
 
 
 def ms_terms_fused(
@@ -865,6 +911,7 @@ def ms_terms_fused(
     counts: bool = True,
     ref_norm_p: Optional[float] = None,
     compile_blocks: bool = False,
+    anchor_units: Optional[UnitRows] = None,
 ) -> _blocks.MSTerms:
     """:func:`_blocks.dense_terms` for ``S = x @ y.T`` without storing ``(B, M)`` blocks.
 
@@ -880,6 +927,10 @@ def ms_terms_fused(
     normalised copy; ``y`` must not require grad).
     ``compile_blocks``: the negatives of blocks over :data:`DENSE_ELEMENTS` similarities
     through ``torch.compile`` (see :func:`_compiled_negative_terms`).
+    ``anchor_units``: if set, ``x`` is raw and ``anchor_units`` is :func:`unit_rows` of it
+    (of ``x.to`` the compute dtype): the similarities are those of the unit rows (and of
+    the references too when ``y is x``), and the backward maps the gradient through the
+    normalisation in closed form (:func:`unit_rows_backward`) instead of autograd's nodes.
     """
     w = _blocks.get_weighting(weighting)
     dtype = _blocks.compute_dtype(x.dtype)
@@ -918,8 +969,9 @@ def ms_terms_fused(
     x, lp, ln, labels, ref_labels, self_index = _distinct(
         x, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index
     )
+    x_unit, x_norm = (None, None) if anchor_units is None else anchor_units
     out: Tuple[torch.Tensor, ...] = _FusedMS.apply(
-        x, refs, lp, ln, labels, ref_labels, self_index, cfg, ref_scale
+        x, refs, lp, ln, labels, ref_labels, self_index, cfg, ref_scale, x_unit, x_norm
     )
     losses, num, wsums = out[:3]  # num: (2, B) pair counts, wsums: (2, B) weight sums
     return _blocks.MSTerms(losses, *num.unbind(0), *wsums.unbind(0))

@@ -219,7 +219,8 @@ def multi_similarity_loss(
     _blocks.get_weighting(weighting)
     if len(labels) != len(embeddings):
         raise ValueError(f"labels has {len(labels)} entries but embeddings has {len(embeddings)} rows")
-    x = torch.nn.functional.normalize(embeddings.to(_blocks.compute_dtype(embeddings.dtype)), dim=1)
+    x = embeddings.to(_blocks.compute_dtype(embeddings.dtype))
+    units = _kernel.unit_rows(x)  # normalised inside the kernel (closed-form backward)
     if ref_emb is None:
         y, ref_labels, self_index = x, labels, torch.arange(len(x), device=x.device)
     else:
@@ -241,6 +242,7 @@ def multi_similarity_loss(
         weighting=weighting,
         epsilon=epsilon,
         counts=False,
+        anchor_units=units,
     )
     losses = terms.losses.to(embeddings.dtype)
     if reduction == "none":

@@ -452,3 +452,85 @@ def test_compiled_loss_equals_pml(tmp_path, monkeypatch):
     (expected_grad,) = torch.autograd.grad(expected, x)
     torch.testing.assert_close(value, expected, **tol(torch.float32))
     torch.testing.assert_close(grad, expected_grad, **tol(torch.float32))
+
+
+# ------------------------------------------------------- anchors normalised in the kernel
+def _rows_of_every_size(device, dtype):
+    """Ordinary rows, a zero row, rows below and just above ``normalize``'s eps (1e-12)."""
+    x, _ = make_batch(60, n=9, dim=5, classes=3, device=device, dtype=dtype, requires_grad=False)
+    x = x.clone()
+    x[1] = 0.0
+    x[2] *= 1e-14 / float(x[2].norm())  # norm below eps: normalize divides by eps
+    if dtype == torch.float64:
+        x[3] *= 3e-12 / float(x[3].norm())  # norm above eps, tiny
+    return x.requires_grad_(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unit_rows_are_normalize_exactly_and_backpropagate_like_it(device, dtype):
+    x = _rows_of_every_size(device, dtype)
+    units = _kernel.unit_rows(x)
+    want = torch.nn.functional.normalize(x, dim=1)
+    assert torch.equal(units.unit, want.detach())  # the same operations: the same bits
+    assert not units.unit.requires_grad and units.norm.shape == (9, 1)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(61), dtype=dtype).to(device)
+    (g_want,) = torch.autograd.grad(want, x, g)
+    g_got = _kernel.unit_rows_backward(g.clone(), units.unit, units.norm)
+    torch.testing.assert_close(g_got, g_want, **tol(dtype))
+    assert torch.equal(g_got[1], g[1] / 1e-12)  # a zero row: the clamp's constant divides
+
+
+@pytest.mark.parametrize("chunk_size, budget", [(None, None), (4, None), (None, 0), (None, 2000)])
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_anchors_normalised_in_the_kernel_equal_autograds_normalisation(
+    device, layout, chunk_size, budget, epsilon, in_batch
+):
+    """``anchor_units``: ``x`` raw, its unit rows given: the losses of the unit rows and, through
+    the closed-form backward, autograd's gradient of ``normalize`` -- in-batch (both roles) and
+    against other references, on every block plan, with unequal upstream weights."""
+    x = _rows_of_every_size(device, torch.float64)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2], device=device)
+    ref, ref_y = make_batch(62, n=11, dim=5, classes=3, device=device, dtype=torch.float64)
+    lam = torch.full((9,), 0.5, dtype=torch.float64, device=device)
+    upstream = torch.rand(9, generator=torch.Generator().manual_seed(63), dtype=torch.float64).to(device)
+    kw = dict(alpha=2.0, beta=50.0, epsilon=epsilon, chunk_size=chunk_size, memory_budget=budget)
+    own = torch.arange(9, device=device) if in_batch else torch.full((9,), -1, device=device)
+    refs_y = y if in_batch else ref_y
+    inputs = (x,) if in_batch else (x, ref)
+
+    xn = torch.nn.functional.normalize(x, dim=1)
+    rn = xn if in_batch else torch.nn.functional.normalize(ref, dim=1)
+    want = _kernel.ms_terms_fused(xn, rn, y, refs_y, own, lam, lam, **kw)
+    g_want = torch.autograd.grad((want.losses * upstream).sum(), inputs)
+    e = x.view_as(x)
+    rn = e if in_batch else torch.nn.functional.normalize(ref, dim=1)
+    got = _kernel.ms_terms_fused(e, rn, y, refs_y, own, lam, lam, anchor_units=_kernel.unit_rows(e), **kw)
+    g_got = torch.autograd.grad((got.losses * upstream).sum(), inputs)
+    torch.testing.assert_close(got.losses, want.losses, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_loss_graph_holds_no_normalisation_node():
+    """``MSLoss`` on the fused path normalises the anchors inside its one autograd node: the
+    graph from the loss to the embeddings holds no ``normalize`` nodes (three with autograd's)."""
+    x, y = make_batch(64, n=16, dim=8, classes=4)
+
+    def node_names(fn):
+        seen, todo = set(), [fn]
+        while todo:
+            f = todo.pop()
+            if f is not None and f not in seen:
+                seen.add(f)
+                todo.extend(nxt for nxt, _ in f.next_functions)
+        return sorted(type(f).__name__ for f in seen)
+
+    names = node_names(losses.MSLoss(epsilon=0.1)(x, y).grad_fn)
+    assert not [n for n in names if n.startswith(("Div", "LinalgVectorNorm", "ClampMin"))], names
+    assert "_FusedMSBackward" in names
+    # p != 2 keeps PML's (autograd) normalisation
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    names = node_names(losses.MSLoss(distance=CosineSimilarity(p=3))(x, y).grad_fn)
+    assert "LinalgVectorNormBackward0" in names

@@ -292,25 +292,32 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         d = self.distance
         embeddings, ref_emb = problem.anchors, problem.references
         dtype = _blocks.compute_dtype(embeddings.dtype)
-        x = d.maybe_normalize(embeddings.to(dtype))
+        x = embeddings.to(dtype)
+        # the anchors' 2-normalisation inside the kernel (closed-form backward); other p: PML's
+        units = _kernel.unit_rows(x) if d.normalize_embeddings and d.p == 2 else None
+        if units is None:
+            x = d.maybe_normalize(x)
+        x_sim = x if units is None else units.unit  # the anchors as the similarity sees them
         ref_norm_p = None
         if problem.in_batch:
-            y = x
+            y, y_sim = x, x_sim
         elif d.normalize_embeddings and not ref_emb.requires_grad:
             y, ref_norm_p = ref_emb.to(dtype), d.p  # e.g. a memory: normalised block by block
+            y_sim = y
         else:
-            y = d.maybe_normalize(ref_emb.to(dtype))
+            y = y_sim = d.maybe_normalize(ref_emb.to(dtype))
         if d.collect_stats:
             d.reset_stats()
-            d.set_default_stats(embeddings, ref_emb, x, y if ref_norm_p is None else d.maybe_normalize(y))
+            y_stats = y_sim if ref_norm_p is None else d.maybe_normalize(y)
+            d.set_default_stats(embeddings, ref_emb, x_sim, y_stats)
         labels, ref_labels = problem.labels, problem.ref_labels
         assert labels is not None and ref_labels is not None  # the fused path needs labels
         self_index = problem.self_index
         if self_index is None:
             self_index = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
         sims = FusedSimilarities(
-            x.detach(),
-            y.detach(),
+            x_sim.detach(),
+            y_sim.detach(),
             labels,
             ref_labels,
             self_index,
@@ -334,6 +341,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             memory_budget=self.memory_budget,
             counts=self.collect_stats,
             ref_norm_p=ref_norm_p,
+            anchor_units=units,
             compile_blocks=self.compile_blocks,
         )
 
