@@ -534,3 +534,30 @@ def test_loss_graph_holds_no_normalisation_node():
 
     names = node_names(losses.MSLoss(distance=CosineSimilarity(p=3))(x, y).grad_fn)
     assert "LinalgVectorNormBackward0" in names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 1e-30])
+def test_negatives_are_mined_as_the_comparison_mines_them(device, dtype, epsilon):
+    """``mine_negatives_`` (float passes: the sign of ``u - next(min_pos)`` capping each value)
+    drops exactly the pairs with ``S + epsilon <= min_pos``, PML's comparison, on exact ties
+    (``S + epsilon`` rounding to ``min_pos``), tiny values that round alike, excluded pairs
+    (``-inf``) and anchors without positives (``min_pos = +inf``); differentiable in place."""
+    g = torch.Generator().manual_seed(70)
+    V = (torch.rand(6, 40, generator=g, dtype=torch.float64) * 1.2 - 0.2).to(dtype)
+    tiny = torch.tensor([1e-40, -1e-40, 1e-300, 0.0, -0.0, 5e-9, -5e-9, 1e-7], dtype=torch.float64)
+    V[:, :8] = tiny.to(dtype)
+    V[0, 10] = V[1, 11] = -float("inf")
+    min_pos = (torch.rand(6, generator=g, dtype=torch.float64) * 0.5 + 0.2).to(dtype)
+    min_pos[2] = float("inf")
+    min_pos[3] = (V[3, 20] + epsilon).item()  # ties: S + epsilon == min_pos for column 20 ...
+    min_pos[4] = (V[4, 0] + epsilon).item()  # ... and for the tiny values near 0
+    V, min_pos = V.to(device), min_pos.to(device)
+    want = V.masked_fill((V + epsilon) <= min_pos[:, None], -float("inf"))
+    assert ((V + epsilon) == min_pos[:, None]).any(), "the ties are there"
+    got = _blocks.mine_negatives_(V.clone(), epsilon, min_pos)
+    assert torch.equal(got, want)
+    leaf = V.clone().requires_grad_(True)
+    out = _blocks.mine_negatives_(leaf.clone(), epsilon, min_pos)
+    (grad,) = torch.autograd.grad(out.exp().sum(), leaf)
+    assert torch.equal(grad, torch.where(want == -float("inf"), 0.0, want.exp()).to(dtype))
