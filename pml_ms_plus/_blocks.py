@@ -325,9 +325,12 @@ def mine_positives(block: Block, epsilon: float, max_neg: torch.Tensor) -> Block
     return block._replace(sp=sp)
 
 
-def mine_negatives_(Vn: torch.Tensor, epsilon: Threshold, min_pos: torch.Tensor) -> torch.Tensor:
+def mine_negatives_(
+    Vn: torch.Tensor, epsilon: Threshold, min_pos: torch.Tensor, anchor_dim: int = 0
+) -> torch.Tensor:
     """The negative half of :func:`mine_`, in place: ``Vn = -inf`` where ``Vn + epsilon <= min_pos``
-    (``min_pos``: ``(B,)``, each anchor's hardest positive).
+    (``min_pos``: ``(B,)``, each anchor's hardest positive; ``anchor_dim=1``: ``Vn`` is a
+    reference-major ``(M, B)`` block).
 
     In float passes, no boolean mask (a comparison and a masked fill take about twice as
     long on the CPU): with ``u = Vn + epsilon`` rounded as PML rounds it and ``m+`` the next
@@ -336,10 +339,11 @@ def mine_negatives_(Vn: torch.Tensor, epsilon: Threshold, min_pos: torch.Tensor)
     value: ``+inf`` keeps it, ``-inf`` mines it. The same pairs as the comparison, bit for bit.
     Under ``torch.compile`` the comparison itself (inductor fuses it into the block's one loop).
     """
+    per_anchor = (-1, 1) if anchor_dim == 0 else (1, -1)  # min_pos broadcast over the block
     if torch.compiler.is_compiling():
-        return Vn.masked_fill_((Vn + epsilon) <= min_pos[:, None], -_INF)
+        return Vn.masked_fill_((Vn + epsilon) <= min_pos.view(per_anchor), -_INF)
     cap = torch.add(Vn.detach(), epsilon)
-    cap.sub_(torch.nextafter(min_pos, min_pos.new_full((), _INF))[:, None])
+    cap.sub_(torch.nextafter(min_pos, min_pos.new_full((), _INF)).view(per_anchor))
     torch.copysign(cap.new_full((), _INF), cap, out=cap)
     return Vn.clamp_max_(cap)
 
@@ -464,6 +468,33 @@ class PairTerms(NamedTuple):
     acc: torch.Tensor
 
 
+def side_values(
+    V: torch.Tensor,
+    side: Side,
+    ref: torch.Tensor,
+    weighting: Weighting,
+    rows: Optional[torch.Tensor] = None,
+    inplace: bool = False,
+    anchor_dim: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The per-pair part of :func:`side_terms`: ``(R, terms)``, the summands of ``acc``
+    (the same tensor for the log-sum-exp weightings). ``anchor_dim=1``: ``V`` is a
+    reference-major ``(M, B)`` block, its anchors along the columns."""
+    if rows is not None:
+        level = ref[rows]
+    else:
+        level = ref[..., None] if anchor_dim == 0 else ref[None, :]
+    z = torch.sub(V, level, out=V) if inplace else V - level
+    coef = side.coef
+    if torch.is_tensor(coef) and coef.ndim:  # stacked sides: a (2, 1) coef over (2, B, M)
+        coef = coef[..., None]
+    z = z.mul_(coef)
+    if weighting.log_sum_exp:
+        R = terms = z.exp_()
+        return R, terms
+    return torch.sigmoid(z), F.softplus(z)
+
+
 def side_terms(
     V: torch.Tensor,
     side: Side,
@@ -480,19 +511,30 @@ def side_terms(
     ``rows``. Excluded pairs (``V = +-inf``) give ``R = 0``. ``inplace=True``
     overwrites ``V`` (no autograd).
     """
-    level = ref[..., None] if rows is None else ref[rows]
-    z = torch.sub(V, level, out=V) if inplace else V - level
-    coef = side.coef
-    if torch.is_tensor(coef) and coef.ndim:  # stacked sides: a (2, 1) coef over (2, B, M)
-        coef = coef[..., None]
-    z = z.mul_(coef)
-    if weighting.log_sum_exp:
-        R = terms = z.exp_()
-    else:
-        R, terms = torch.sigmoid(z), F.softplus(z)
+    R, terms = side_values(V, side, ref, weighting, rows, inplace)
     if rows is None:
         return PairTerms(R, terms.sum(-1))
     return PairTerms(R, torch.zeros_like(ref.detach()).index_add(0, rows, terms))
+
+
+def negative_values(
+    Vn: torch.Tensor,
+    side: Side,
+    ref: torch.Tensor,
+    min_pos: torch.Tensor,
+    epsilon: Optional[Threshold],
+    weighting: Weighting,
+    counts: bool,
+    inplace: bool = False,
+    anchor_dim: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The per-pair part of :func:`negative_terms`: ``(R, terms, kept)``, ``kept`` the
+    block's kept pairs (bool, ``None`` unless ``counts``); ``anchor_dim`` as for
+    :func:`side_values`."""
+    if epsilon is not None:
+        mine_negatives_(Vn, epsilon, min_pos, anchor_dim)
+    kept = (Vn != -_INF) if counts else None
+    return (*side_values(Vn, side, ref, weighting, inplace=inplace, anchor_dim=anchor_dim), kept)
 
 
 def negative_terms(
@@ -513,10 +555,8 @@ def negative_terms(
     The one function for the negatives of every block; the fused kernel may run it
     through ``torch.compile``, which turns its passes over the block into one.
     """
-    if epsilon is not None:
-        mine_negatives_(Vn, epsilon, min_pos)
-    num = (Vn != -_INF).sum(1) if counts else None
-    return side_terms(Vn, side, ref, weighting, inplace=inplace), num
+    R, terms, kept = negative_values(Vn, side, ref, min_pos, epsilon, weighting, counts, inplace)
+    return PairTerms(R, terms.sum(-1)), None if kept is None else kept.sum(1)
 
 
 class SideLoss(NamedTuple):

@@ -16,8 +16,9 @@ instead of letting autograd store ``(B, M)`` intermediates:
 A problem that is one small block (:attr:`BlockPlan.stacked`, every in-batch
 ``B <= 256``) is computed with both sides stacked in one signed tensor
 (:func:`_stacked_block`, :func:`_blocks.signed_terms`): the same pairs in half the
-operator calls. Large blocks against references other than the anchors are
-stored reference-major in eager mode (:meth:`_Problem.product`).
+operator calls. On the CPU, large blocks against references other than the anchors
+are stored reference-major (:meth:`_Problem.product`; compiled, see
+:func:`_compiled_negative_terms`).
 
 When some blocks are recomputed, steps 1 and 2 are one pass (:func:`_one_pass`):
 positives first, from row dot products, then each block's negatives mined and
@@ -61,9 +62,9 @@ def chunk_columns(num_anchors: int, chunk_size: Optional[int]) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, num_anchors))
 
 
-REFERENCE_MAJOR = True  # listed blocks of references other than the anchors are computed as
-# (y_blk @ x.T).T (see _Problem.product) in eager mode; inductor's CPU code for that layout's
-# row reductions is slower than the product saves, so compiled blocks stay anchor-major
+REFERENCE_MAJOR = True  # on the CPU, listed blocks of references other than the anchors are
+# computed as (y_blk @ x.T).T (see _Problem.product); compiled, their elementwise math runs over
+# the contiguous (M, B) storage and the sums are ATen's (_compiled_negative_terms)
 
 DENSE_ELEMENTS = 2**16  # blocks up to this many similarities hold their positives densely (in-batch
 # B <= 256); measured: dense 6% faster at B=128, even at 256, 20% slower at 512 (2 CPU cores)
@@ -136,11 +137,7 @@ class _Config(NamedTuple):
 
     def gradient_block(self) -> Callable[..., torch.Tensor]:
         """:func:`_gradient_block`, compiled under the same rule as :meth:`negatives`."""
-        return (
-            _compiled("gradient", _gradient_block)
-            if self.compile_blocks and not self.dense
-            else _gradient_block
-        )
+        return _compiled_gradient_block if self.compile_blocks and not self.dense else _gradient_block
 
     @property
     def kept_outputs(self) -> int:
@@ -150,13 +147,34 @@ class _Config(NamedTuple):
 
 
 def _gradient_block(
-    R: torch.Tensor, rows: torch.Tensor, cols: Optional[torch.Tensor], in_place: bool
+    R: torch.Tensor, rows: torch.Tensor, cols: Optional[torch.Tensor], in_place: bool, anchor_dim: int = 0
 ) -> torch.Tensor:
     """``R * rows[:, None] (* cols[None, :])``: a block's negative weights times the upstream
     gradient (and the column scale of references normalised in the kernel); in ``R``'s
-    storage when ``in_place``."""
-    G = R.mul_(rows[:, None]) if in_place else R * rows[:, None]
-    return G if cols is None else G.mul_(cols)
+    storage when ``in_place``. ``anchor_dim=1``: ``R`` is reference-major ``(M, B)``
+    (``R * rows[None, :] (* cols[:, None])``)."""
+    r = rows[:, None] if anchor_dim == 0 else rows[None, :]
+    G = R.mul_(r) if in_place else R * r
+    if cols is None:
+        return G
+    return G.mul_(cols if anchor_dim == 0 else cols[:, None])
+
+
+def _reference_major(block: torch.Tensor) -> bool:
+    """Whether a ``(B, M)`` block is the transposed view of a contiguous ``(M, B)`` tensor
+    (:meth:`_Problem.product` with ``transposed``)."""
+    return block.T.is_contiguous() and not block.is_contiguous()
+
+
+def _compiled_gradient_block(
+    R: torch.Tensor, rows: torch.Tensor, cols: Optional[torch.Tensor], in_place: bool
+) -> torch.Tensor:
+    """:func:`_gradient_block` through ``torch.compile``; a reference-major block is handed
+    over as its contiguous ``(M, B)`` storage (inductor's code follows the storage order)."""
+    fn = _compiled("gradient", _gradient_block)
+    if _reference_major(R):
+        return fn(R.T, rows, cols, in_place, 1).T
+    return fn(R, rows, cols, in_place)
 
 
 class _Problem(NamedTuple):
@@ -432,13 +450,20 @@ def _compiled_negative_terms(
 
     Compiled once per process (:func:`_compiled`). The hyper-parameters enter as 0-d
     tensors and no mining as mining against ``-inf`` (which drops nothing), and the pairs
-    are always counted (free in the fused pass), so the graphs depend on the weighting
+    are always counted in the anchor-major pass (free there), so the graphs depend on the weighting
     and dtype alone, not on ``alpha``/``beta``/``epsilon``: no recompilation per loss of
     an ablation grid.
+
+    A reference-major block (:meth:`_Problem.product`) goes in as its contiguous ``(M, B)``
+    storage through :func:`_blocks.negative_values` (``anchor_dim=1``: mining and
+    exponentials, one pass), its per-anchor sums and counts by ATen: inductor's CPU code
+    for reductions across the anchors' order in that storage is several times slower than
+    the fused pass (measured, 256 x 16,384: 30 ms against 6 ms), while the elementwise
+    pass and ATen's sums together match the anchor-major fused pass and the
+    reference-major product saves ~25% of the forward product.
     """
     if not Vn.numel():  # the one-pass positives' block has no negatives: no graph for size 0
         return _blocks.negative_terms(Vn, side, ref, min_pos, epsilon, weighting, counts, inplace)
-    fn = _compiled("negatives", _blocks.negative_terms)
 
     def scalar(v: _blocks.Threshold) -> torch.Tensor:
         return torch.tensor(v, dtype=Vn.dtype, device=Vn.device)
@@ -446,6 +471,14 @@ def _compiled_negative_terms(
     if epsilon is None:
         min_pos, epsilon = torch.full_like(min_pos, -float("inf")), 0.0
     side = _blocks.Side(scalar(side.coef), side.lam)
+    if _reference_major(Vn):
+        # the contiguous (M, B) storage, elementwise only: inductor's CPU code for sums across
+        # that order is slower than the product's layout saves; ATen's sums over it are not
+        fn = _compiled("negative values", _blocks.negative_values)
+        R, summands, kept = fn(Vn.T, side, ref, min_pos, scalar(epsilon), weighting, counts, inplace, 1)
+        num = None if kept is None else kept.sum(0)
+        return _blocks.PairTerms(R.T, summands.sum(0)), num
+    fn = _compiled("negatives", _blocks.negative_terms)
     terms, num = fn(Vn, side, ref, min_pos, scalar(epsilon), weighting, True, inplace)
     return terms, num if counts else None
 
@@ -961,8 +994,7 @@ def ms_terms_fused(
         transposed=REFERENCE_MAJOR
         and x.device.type == "cpu"  # measured there; GPU libraries pick layouts themselves
         and not same_refs
-        and not plan.dense
-        and not compile_blocks,
+        and not plan.dense,
     )
     ref_scale = _inverse_norms(y, ref_norm_p)
     refs = None if same_refs else y  # None: the anchors themselves (one gradient product, see backward)

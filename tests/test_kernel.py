@@ -401,12 +401,18 @@ needs_inductor = pytest.mark.skipif(
 @needs_inductor
 @pytest.mark.parametrize("case", ["kept", "one pass", "memory, normalised in the kernel"])
 @pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
-def test_compiled_blocks_equal_eager(device, monkeypatch, case, weighting):
+@pytest.mark.parametrize("reference_major", [True, False])
+def test_compiled_blocks_equal_eager(device, monkeypatch, case, weighting, reference_major):
     """``compile_blocks=True`` runs the negatives of listed blocks through inductor: the same
     pairs (counts equal exactly), losses, weight sums and gradients as eager, on the kept
     path, the one-pass path (its backward recomputes through the compiled function too) and
-    with references normalised block by block."""
+    with references normalised block by block; blocks stored anchor-major, and reference-major
+    (on the CPU: compiled elementwise over the ``(M, B)`` storage, summed eagerly)."""
     monkeypatch.setattr(_kernel, "DENSE_ELEMENTS", 0)  # every block listed: compiled
+    monkeypatch.setattr(_kernel, "REFERENCE_MAJOR", reference_major)
+    seen = []
+    is_rm = _kernel._reference_major
+    monkeypatch.setattr(_kernel, "_reference_major", lambda b: seen.append(is_rm(b)) or seen[-1])
     calls = []
     compiled_fn = _kernel._compiled_negative_terms
     monkeypatch.setattr(_kernel, "_compiled_negative_terms", lambda *a: calls.append(1) or compiled_fn(*a))
@@ -432,6 +438,8 @@ def test_compiled_blocks_equal_eager(device, monkeypatch, case, weighting):
             assert bool(calls) == compiled
             calls.clear()
         (eager, g_eager), (comp, g_comp) = out
+        assert any(seen) == (reference_major and device.type == "cpu") and seen  # the layout under test
+        seen.clear()
         assert torch.equal(eager.num_pos, comp.num_pos) and torch.equal(eager.num_neg, comp.num_neg)
         # atol: under "relative" each side's weights sum to 1, so dL/dlam is 1 - 1, rounding noise
         for a, b in zip((*comp, *g_comp), (*eager, *g_eager)):
