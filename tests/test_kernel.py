@@ -361,9 +361,10 @@ def test_small_batch_path_traces_as_one_graph(case):
 
 def test_finite_check_splits_the_compiled_loss_once():
     """With the finite check on (the default) ``torch.compile`` breaks the graph at its one
-    host read, in ``forward``'s own frame: two frames compiled (the part before, the rest),
-    where a read nested three calls deep compiled a frame (and a cache lookup per step) for
-    each call level. The values equal eager; a NaN is still refused."""
+    host read, in ``forward``'s own frame and, compiled, after the loss: one graph (the whole
+    loss) and two frames, where a read nested three calls deep compiled a frame (and a cache
+    lookup per step) for each call level, and a read before the loss split it into two graphs.
+    The values equal eager; a NaN is still refused with the same error."""
     from torch._dynamo.utils import counters  # dynamo's own frame counters (test-only)
 
     loss = losses.MSLoss(epsilon=0.1)
@@ -372,11 +373,31 @@ def test_finite_check_splits_the_compiled_loss_once():
     counters.clear()
     value = torch.compile(loss, backend="eager")(x, y)
     assert counters["frames"]["ok"] == 2, dict(counters["frames"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     torch.testing.assert_close(value, losses.MSLoss(epsilon=0.1)(x, y), **tol(torch.float32))
     bad = x.detach().clone()
     bad[3, 1] = float("nan")
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match="embeddings contain NaN or inf"):
         torch.compile(loss, backend="eager")(bad, y)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_refused_embeddings_leave_the_stats_alone(compiled):
+    """Eagerly, and compiled with stats (which read the host anyway), the finite check reads
+    its probe before PML's pipeline resets or records anything: a refused call leaves the last
+    call's stats as they were."""
+    loss = losses.MSLoss(epsilon=0.1, collect_stats=True)
+    x, y = make_batch(24, n=16, dim=8, classes=4)
+    loss(x, y)
+    before = (loss.num_pos_pairs, loss.num_neg_pairs, loss.mean_neg_weight)
+    assert before[0] > 0
+    bad = x.detach().clone()
+    bad[0, 0] = float("inf")
+    torch._dynamo.reset()
+    fn = torch.compile(loss, backend="eager") if compiled else loss
+    with pytest.raises(ValueError, match="embeddings contain NaN or inf"):
+        fn(bad, y)
+    assert (loss.num_pos_pairs, loss.num_neg_pairs, loss.mean_neg_weight) == before
 
 
 def test_small_batch_path_does_not_synchronise_with_the_host(device):

@@ -149,13 +149,25 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         ref_labels: Optional[torch.Tensor] = None,
     ) -> Any:
         """PML's ``forward`` (checks, ``ref_emb``/``ref_labels`` defaulting, reducer), with
-        this package's input checks first: ``ValueError`` naming the problem."""
+        this package's input checks first: ``ValueError`` naming the problem.
+
+        The finite check's one host read is made here, in this frame: eagerly before PML's
+        pipeline runs; under ``torch.compile`` (without stats, which read the host anyway)
+        after it, so that the graph breaks once, at its end, and the loss is one graph --
+        nothing has changed by then (the loss holds no state without stats), and the error
+        is the same ``ValueError``.
+        """
         self._check_inputs(embeddings, labels, ref_emb, ref_labels, finite=False)
-        # the finite check's host read here, in this frame (one graph break under torch.compile);
-        # a non-finite probe (or an overflowing sum of finite values) takes the exact check
-        if self.check_finite and not math.isfinite(_checks.finite_probe(embeddings, ref_emb).item()):
+        probe = _checks.finite_probe(embeddings, ref_emb) if self.check_finite else None
+        # a non-finite probe (or an overflowing sum of finite values) takes the exact check; the
+        # reads stay in this frame (a read in a nested call breaks the graph at every level)
+        early = probe is not None and not (torch.compiler.is_compiling() and not self.collect_stats)
+        if early and not math.isfinite(probe.item()):  # type: ignore[union-attr]
             self._check_inputs(embeddings, labels, ref_emb, ref_labels)
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if probe is not None and not early and not math.isfinite(probe.item()):
+            self._check_inputs(embeddings, labels, ref_emb, ref_labels)
+        return loss
 
     def compute_loss(
         self,
