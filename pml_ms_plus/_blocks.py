@@ -333,18 +333,23 @@ def mine_negatives_(
     reference-major ``(M, B)`` block).
 
     In float passes, no boolean mask (a comparison and a masked fill take about twice as
-    long on the CPU): with ``u = Vn + epsilon`` rounded as PML rounds it and ``m+`` the next
-    float above ``min_pos``, ``u <= min_pos`` exactly when ``u - m+ < 0`` (a difference of
-    floats is 0 only between equal floats), so ``inf`` with the sign of ``u - m+`` caps each
-    value: ``+inf`` keeps it, ``-inf`` mines it. The same pairs as the comparison, bit for bit.
+    long on the CPU): with ``u = Vn + epsilon`` rounded as PML rounds it, ``u <= min_pos``
+    exactly when ``min_pos - u`` is ``+0`` or positive (a difference of floats is 0 only
+    between equal floats, and ``+0`` then; ``-0`` is made ``+0`` first; flushed denormals
+    flush both tests alike), so ``-inf`` with that sign flipped caps each value: ``+inf``
+    keeps it, ``-inf`` mines it. ``inf - inf`` (a tie at ``+inf``, or ``-inf`` against an
+    excluded pair) counts as a tie and a NaN ``min_pos`` as ``-inf``, as the comparison
+    decides; a NaN value stays NaN. The same pairs as the comparison, bit for bit.
     Under ``torch.compile`` the comparison itself (inductor fuses it into the block's one loop).
     """
     per_anchor = (-1, 1) if anchor_dim == 0 else (1, -1)  # min_pos broadcast over the block
     if torch.compiler.is_compiling():
         return Vn.masked_fill_((Vn + epsilon) <= min_pos.view(per_anchor), -_INF)
+    level = torch.nan_to_num(min_pos, nan=-_INF, posinf=_INF, neginf=-_INF).add_(0.0)  # -0 + 0 = +0
     cap = torch.add(Vn.detach(), epsilon)
-    cap.sub_(torch.nextafter(min_pos, min_pos.new_full((), _INF)).view(per_anchor))
-    torch.copysign(cap.new_full((), _INF), cap, out=cap)
+    torch.sub(level.view(per_anchor), cap, out=cap)  # min_pos - u: +0 or more where mined
+    cap.nan_to_num_(nan=1.0, posinf=_INF, neginf=-_INF)
+    torch.copysign(cap.new_full((), _INF), cap, out=cap).neg_()
     return Vn.clamp_max_(cap)
 
 

@@ -162,7 +162,8 @@ def _gradient_block(
 
 def _reference_major(block: torch.Tensor) -> bool:
     """Whether a ``(B, M)`` block is the transposed view of a contiguous ``(M, B)`` tensor
-    (:meth:`_Problem.product` with ``transposed``)."""
+    (:meth:`_Problem.product` with ``transposed``); a block of one row or one column is
+    contiguous either way and takes the anchor-major code, which is right for any strides."""
     return block.T.is_contiguous() and not block.is_contiguous()
 
 
@@ -450,9 +451,9 @@ def _compiled_negative_terms(
 
     Compiled once per process (:func:`_compiled`). The hyper-parameters enter as 0-d
     tensors and no mining as mining against ``-inf`` (which drops nothing), and the pairs
-    are always counted in the anchor-major pass (free there), so the graphs depend on the weighting
-    and dtype alone, not on ``alpha``/``beta``/``epsilon``: no recompilation per loss of
-    an ablation grid.
+    are always counted in the anchor-major pass (free there), so the graphs depend on the
+    weighting, dtype and layout (and, reference-major, on counting) alone, not on
+    ``alpha``/``beta``/``epsilon``: no recompilation per loss of an ablation grid.
 
     A reference-major block (:meth:`_Problem.product`) goes in as its contiguous ``(M, B)``
     storage through :func:`_blocks.negative_values` (``anchor_dim=1``: mining and
@@ -715,10 +716,13 @@ class _FusedMS(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.same_refs = y is None  # the anchors are the references (in-batch)
         ctx.has_ref_scale = ref_scale is not None
-        ctx.normalized = x_unit is not None
+        # the backward works on the unit rows, then maps dx to the raw rows (saved only when dx
+        # is wanted: the caller may change anchors that need no gradient before the backward)
+        ctx.normalized = x_unit is not None and ctx.needs_input_grad[0]
         extra = (ref_scale,) if ref_scale is not None else ()
-        if x_unit is not None:  # the backward works on the unit rows, then maps to the raw ones
+        if ctx.normalized:
             extra += (x, x_norm)
+        if x_unit is not None:
             x = x_unit
         flat = output[_FIXED_OUTPUTS:]
         # dense kept blocks (small) are saved, and left intact by the backward; listed ones

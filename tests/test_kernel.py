@@ -382,22 +382,45 @@ def test_finite_check_splits_the_compiled_loss_once():
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_refused_embeddings_leave_the_stats_alone(compiled):
-    """Eagerly, and compiled with stats (which read the host anyway), the finite check reads
-    its probe before PML's pipeline resets or records anything: a refused call leaves the last
-    call's stats as they were."""
-    loss = losses.MSLoss(epsilon=0.1, collect_stats=True)
+@pytest.mark.parametrize("collector", ["loss", "distance", "reducer"])
+def test_refused_embeddings_leave_the_stats_alone(compiled, collector):
+    """Eagerly, and compiled when any module of the loss collects stats (which read the host
+    anyway), the finite check reads its probe before PML's pipeline resets or records
+    anything: a refused call leaves the last call's stats as they were."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    kw = dict(
+        loss=dict(collect_stats=True),
+        distance=dict(distance=CosineSimilarity(collect_stats=True)),
+        reducer=dict(reducer=pml_reducers.MeanReducer(collect_stats=True)),
+    )[collector]
+    loss = losses.MSLoss(epsilon=0.1, **kw)
+    module = dict(loss=loss, distance=loss.distance, reducer=loss.reducer)[collector]
     x, y = make_batch(24, n=16, dim=8, classes=4)
     loss(x, y)
-    before = (loss.num_pos_pairs, loss.num_neg_pairs, loss.mean_neg_weight)
-    assert before[0] > 0
+    names = list(module._record_these_stats)  # PML's list of a module's stat attributes
+    before = {n: getattr(module, n) for n in names}
+    assert names and any(v != 0 for v in before.values()), before
     bad = x.detach().clone()
     bad[0, 0] = float("inf")
     torch._dynamo.reset()
     fn = torch.compile(loss, backend="eager") if compiled else loss
     with pytest.raises(ValueError, match="embeddings contain NaN or inf"):
         fn(bad, y)
-    assert (loss.num_pos_pairs, loss.num_neg_pairs, loss.mean_neg_weight) == before
+    assert {n: getattr(module, n) for n in names} == before
+
+
+def test_anchors_without_gradient_may_change_before_the_backward():
+    """The kernel keeps the raw anchors for the backward only when they need a gradient: frozen
+    anchors reused by the caller after the forward (trained references) backpropagate, with
+    the gradient of the anchors as they were."""
+    x, y = make_batch(25, n=16, dim=8, classes=4, requires_grad=False)
+    ref, ref_y = make_batch(26, n=20, dim=8, classes=4)
+    (want,) = torch.autograd.grad(losses.MSLoss(epsilon=0.1)(x, y, None, ref, ref_y), ref)
+    value = losses.MSLoss(epsilon=0.1)(x, y, None, ref, ref_y)
+    x.add_(1.0)
+    (got,) = torch.autograd.grad(value, ref)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_small_batch_path_does_not_synchronise_with_the_host(device):
@@ -567,26 +590,41 @@ def test_loss_graph_holds_no_normalisation_node():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("epsilon", [0.0, 0.1, 1e-30])
-def test_negatives_are_mined_as_the_comparison_mines_them(device, dtype, epsilon):
-    """``mine_negatives_`` (float passes: the sign of ``u - next(min_pos)`` capping each value)
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_negatives_are_mined_as_the_comparison_mines_them(device, dtype, epsilon, flush_denormal):
+    """``mine_negatives_`` (float passes: the sign of ``min_pos - u`` capping each value)
     drops exactly the pairs with ``S + epsilon <= min_pos``, PML's comparison, on exact ties
-    (``S + epsilon`` rounding to ``min_pos``), tiny values that round alike, excluded pairs
-    (``-inf``) and anchors without positives (``min_pos = +inf``); differentiable in place."""
-    g = torch.Generator().manual_seed(70)
-    V = (torch.rand(6, 40, generator=g, dtype=torch.float64) * 1.2 - 0.2).to(dtype)
-    tiny = torch.tensor([1e-40, -1e-40, 1e-300, 0.0, -0.0, 5e-9, -5e-9, 1e-7], dtype=torch.float64)
-    V[:, :8] = tiny.to(dtype)
-    V[0, 10] = V[1, 11] = -float("inf")
-    min_pos = (torch.rand(6, generator=g, dtype=torch.float64) * 0.5 + 0.2).to(dtype)
-    min_pos[2] = float("inf")
-    min_pos[3] = (V[3, 20] + epsilon).item()  # ties: S + epsilon == min_pos for column 20 ...
-    min_pos[4] = (V[4, 0] + epsilon).item()  # ... and for the tiny values near 0
-    V, min_pos = V.to(device), min_pos.to(device)
-    want = V.masked_fill((V + epsilon) <= min_pos[:, None], -float("inf"))
-    assert ((V + epsilon) == min_pos[:, None]).any(), "the ties are there"
-    got = _blocks.mine_negatives_(V.clone(), epsilon, min_pos)
-    assert torch.equal(got, want)
-    leaf = V.clone().requires_grad_(True)
-    out = _blocks.mine_negatives_(leaf.clone(), epsilon, min_pos)
-    (grad,) = torch.autograd.grad(out.exp().sum(), leaf)
-    assert torch.equal(grad, torch.where(want == -float("inf"), 0.0, want.exp()).to(dtype))
+    (``S + epsilon`` rounding to ``min_pos``, at 0 and at ``+-0``), tiny values that round alike,
+    denormals flushed to zero or not, excluded pairs (``-inf``), anchors without positives
+    (``min_pos = +inf``), and the non-finite values of ``check_finite=False`` (``+inf``
+    similarities, NaN of either sign in ``min_pos`` and in the block); differentiable in place."""
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        inf, nan = float("inf"), float("nan")
+        g = torch.Generator().manual_seed(70)
+        V = (torch.rand(10, 40, generator=g, dtype=torch.float64) * 1.2 - 0.2).to(dtype)
+        tiny = torch.tensor([1e-40, -1e-40, 1e-300, 0.0, -0.0, 5e-9, -5e-9, 1e-7], dtype=torch.float64)
+        V[:, :8] = tiny.to(dtype)
+        V[0, 10] = V[1, 11] = -inf
+        min_pos = (torch.rand(10, generator=g, dtype=torch.float64) * 0.5 + 0.2).to(dtype)
+        min_pos[2] = inf
+        min_pos[3] = (V[3, 20] + epsilon).item()  # ties: S + epsilon == min_pos for column 20 ...
+        min_pos[4] = (V[4, 0] + epsilon).item()  # ... and for the tiny values near 0
+        min_pos[5], min_pos[6] = 0.0, -0.0  # ties at zero (epsilon 0), either sign
+        min_pos[7], min_pos[8] = nan, torch.copysign(torch.tensor(nan), torch.tensor(-1.0)).item()
+        V[2, 30] = V[9, 31] = inf  # +inf against +inf (a tie) and against a finite min_pos
+        V[9, 32] = nan
+        V, min_pos = V.to(device), min_pos.to(device)
+        want = V.masked_fill((V + epsilon) <= min_pos[:, None], -inf)
+        assert ((V + epsilon) == min_pos[:, None]).any(), "the ties are there"
+        got = _blocks.mine_negatives_(V.clone(), epsilon, min_pos)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        leaf = V.clone().requires_grad_(True)
+        out = _blocks.mine_negatives_(leaf.clone(), epsilon, min_pos)
+        (grad,) = torch.autograd.grad(out[:, :30].exp().sum(), leaf)  # the finite columns
+        expected = torch.where(want == -inf, 0.0, want.exp()).to(dtype)
+        expected[:, 30:] = 0
+        torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    finally:
+        torch.set_flush_denormal(False)

@@ -48,8 +48,8 @@ OURS = {
 @pytest.mark.parametrize("blocks", ["stacked", "listed", "listed, anchor-major"])
 def test_parity_with_pml_over_steps(device, dtype, with_mask, variant, blocks, monkeypatch):
     """Every step against PML's XBM; ``blocks``: the kernel's small-batch block (both sides
-    stacked), or the listed layout of large memories, reference-major (the eager default) or
-    anchor-major (compiled blocks)."""
+    stacked), or the listed layout of large memories, reference-major (the CPU's default) or
+    anchor-major (other devices)."""
     if blocks != "stacked":
         monkeypatch.setattr(_kernel, "DENSE_ELEMENTS", 0)
         monkeypatch.setattr(_kernel, "REFERENCE_MAJOR", blocks == "listed")

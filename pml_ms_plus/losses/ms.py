@@ -152,16 +152,18 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         this package's input checks first: ``ValueError`` naming the problem.
 
         The finite check's one host read is made here, in this frame: eagerly before PML's
-        pipeline runs; under ``torch.compile`` (without stats, which read the host anyway)
-        after it, so that the graph breaks once, at its end, and the loss is one graph --
-        nothing has changed by then (the loss holds no state without stats), and the error
-        is the same ``ValueError``.
+        pipeline runs; under ``torch.compile``, when no module of the loss collects stats
+        (its distance, reducer, regularizer: stats read the host anyway), after it, so that
+        the graph breaks once, at its end, and the loss is one graph -- nothing has changed
+        by then (without stats the loss holds no state), and the error is the same
+        ``ValueError``.
         """
         self._check_inputs(embeddings, labels, ref_emb, ref_labels, finite=False)
         probe = _checks.finite_probe(embeddings, ref_emb) if self.check_finite else None
         # a non-finite probe (or an overflowing sum of finite values) takes the exact check; the
         # reads stay in this frame (a read in a nested call breaks the graph at every level)
-        early = probe is not None and not (torch.compiler.is_compiling() and not self.collect_stats)
+        stats = any(getattr(m, "collect_stats", False) for m in self.modules())
+        early = probe is not None and not (torch.compiler.is_compiling() and not stats)
         if early and not math.isfinite(probe.item()):  # type: ignore[union-attr]
             self._check_inputs(embeddings, labels, ref_emb, ref_labels)
         loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
