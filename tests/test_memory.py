@@ -383,3 +383,39 @@ def test_empty_batch_gives_zero(device):
     value = ours(e, torch.zeros(0, dtype=torch.long, device=device))
     (g,) = torch.autograd.grad(value, e)
     assert float(value.detach()) == 0.0 and g.shape == (0, DIM) and ours.queue_idx == BATCH
+
+
+@pytest.mark.parametrize("weights", [dict(), dict(batch_weight=0.5, memory_weight=2.0)])
+def test_two_calls_before_one_backward_match_pml(device, weights):
+    """Gradient accumulation: a second call enqueues while the first call's loss still awaits
+    its backward, whose graph holds the memory's buffers (the kernel saves the references):
+    the writes go to copies of the buffers, so both losses backpropagate, with PML's gradients;
+    a loop that backpropagates each loss before the next call writes in place (no copy)."""
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY, **weights).to(device)
+    theirs = pml_memory(device, torch.float32)
+    batches = list(steps(device, torch.float32, n_steps=5))
+    for x, y, _ in batches[:3]:  # fill the memories alike
+        ours(x.detach(), y)
+        theirs(x.detach(), y)
+    grads = []
+    for xbm, scale in ((ours, 1.0), (theirs, weights.get("memory_weight", 1.0))):
+        (x1, y1, _), (x2, y2, _) = batches[3:]
+        a, b = x1.detach().requires_grad_(True), x2.detach().requires_grad_(True)
+        total = xbm(a, y1) + xbm(b, y2)
+        if xbm is theirs:  # PML has no weights: the same combination by hand
+            total = scale * total
+            if weights:
+                inner = losses.MSLoss(epsilon=0.1)
+                total = total + 0.5 * (inner(a, y1) + inner(b, y2))
+        grads.append(torch.autograd.grad(total, (a, b)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, **tol(torch.float32))
+    torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory)
+    storage = ours.embedding_memory.data_ptr()
+    for x, y, _ in batches[:2]:  # the usual loop: each backward before the next call
+        x = x.detach().requires_grad_(True)
+        ours(x, y).backward()
+    unused = ours(x.detach().requires_grad_(True), y)  # a loss never backpropagated, then dropped
+    del unused
+    ours(x.detach(), y)
+    assert ours.embedding_memory.data_ptr() == storage

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -21,6 +22,23 @@ class _HostState(NamedTuple):
     position: int
     filled: bool
     iteration: int
+
+
+class _PendingBackward:
+    """A loss whose graph holds the memory's buffers (the kernel saves the references for its
+    backward) and whose backward has not started: until it starts, and while the loss lives, the
+    buffers must not change in place (autograd would refuse that backward)."""
+
+    def __init__(self, loss: torch.Tensor) -> None:
+        self._loss = weakref.ref(loss)
+        self._started = False
+        loss.register_hook(self._start)
+
+    def _start(self, grad: torch.Tensor) -> None:
+        self._started = True
+
+    def waiting(self) -> bool:
+        return not self._started and self._loss() is not None
 
 
 class CrossBatchMemory(pml_losses.CrossBatchMemory):
@@ -149,6 +167,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         self.register_buffer("filled", torch.zeros((), dtype=torch.bool))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self._host: Optional[_HostState] = _HostState(0, False, 0)
+        self._pending: Optional[_PendingBackward] = None
 
     def _host_state(self) -> "_HostState":
         """The write position, fill flag and call counter as Python values: read from the
@@ -194,6 +213,12 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     ) -> None:
         n = len(embeddings)
         start = self.queue_idx
+        if self._pending is not None and self._pending.waiting():
+            # an earlier call's loss still awaits its backward (two calls, one backward: gradient
+            # accumulation): it keeps the buffers as they were, the writes go to copies
+            self.register_buffer("embedding_memory", self.embedding_memory.clone())
+            self.register_buffer("label_memory", self.label_memory.clone())
+        self._pending = None
         self.curr_batch_idx = (
             torch.arange(start, start + n, device=self.embedding_memory.device) % self.memory_size
         )
@@ -254,6 +279,8 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             if self.batch_weight:
                 in_batch = self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
                 loss = loss + self.batch_weight * in_batch
+            if isinstance(loss, torch.Tensor) and loss.requires_grad:  # what the caller backpropagates
+                self._pending = _PendingBackward(loss)
             return loss
         except BaseException:
             self._restore(undo)
