@@ -162,12 +162,13 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         probe = _checks.finite_probe(embeddings, ref_emb) if self.check_finite else None
         # a non-finite probe (or an overflowing sum of finite values) takes the exact check; the
         # reads stay in this frame (a read in a nested call breaks the graph at every level)
-        stats = any(getattr(m, "collect_stats", False) for m in self.modules())
-        early = probe is not None and not (torch.compiler.is_compiling() and not stats)
-        if early and not math.isfinite(probe.item()):  # type: ignore[union-attr]
+        defer = torch.compiler.is_compiling() and not any(
+            getattr(m, "collect_stats", False) for m in self.modules()
+        )  # (the module scan only while tracing: eager steps skip it)
+        if probe is not None and not defer and not math.isfinite(probe.item()):
             self._check_inputs(embeddings, labels, ref_emb, ref_labels)
         loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if probe is not None and not early and not math.isfinite(probe.item()):
+        if probe is not None and defer and not math.isfinite(probe.item()):
             self._check_inputs(embeddings, labels, ref_emb, ref_labels)
         return loss
 
