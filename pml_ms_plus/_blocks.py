@@ -688,7 +688,10 @@ def signed_block(
     """The signed ``(2, B, M)`` block of ``S`` for label-defined pairs (see :func:`pair_masks`;
     ``self_index`` outside ``[0, M)``: no own copy). A new tensor; no autograd."""
     eq, own = _same_label_and_own(labels, ref_labels, self_index, S.shape[1])
-    dropped = torch.stack((~eq, eq))  # per side: not its pair
+    # per side, not its pair: (~eq, eq) as eq XOR (True, False), one broadcast pointwise op
+    # (a stack is a concatenation, which inductor materialises: on the CPU its bool stores
+    # from int64 comparisons cost 3/4 of the compiled elementwise kernel at B=128)
+    dropped = torch.logical_xor(eq, torch.arange(2, device=eq.device).view(2, 1, 1) == 0)
     if own is not None:
         dropped |= own
     return _signed_values(S).masked_fill_(dropped, -_INF)
