@@ -88,6 +88,14 @@ def finite_probe(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.zeros(()) if total is None else total
 
 
+@torch.compiler.disable
+def probe_is_finite(probe: torch.Tensor) -> bool:
+    """Whether :func:`finite_probe`'s value is finite: its one host read. ``torch.compile`` runs
+    it eagerly and breaks the graph at the call quietly (a traced ``.item()`` breaks it too,
+    with a warning that suggests capturing scalars, which cannot help here)."""
+    return math.isfinite(probe.item())
+
+
 def label_dtype(labels: Optional[torch.Tensor], name: str = "labels") -> None:
     """Labels are class ids: an integer or bool tensor. Floating-point and complex
     labels are refused (a memory could not store them exactly; ``.long()`` them)."""

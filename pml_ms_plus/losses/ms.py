@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -165,10 +164,10 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         defer = torch.compiler.is_compiling() and not any(
             getattr(m, "collect_stats", False) for m in self.modules()
         )  # (the module scan only while tracing: eager steps skip it)
-        if probe is not None and not defer and not math.isfinite(probe.item()):
+        if probe is not None and not defer and not _checks.probe_is_finite(probe):
             self._check_inputs(embeddings, labels, ref_emb, ref_labels)
         loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if probe is not None and defer and not math.isfinite(probe.item()):
+        if probe is not None and defer and not _checks.probe_is_finite(probe):
             self._check_inputs(embeddings, labels, ref_emb, ref_labels)
         return loss
 
