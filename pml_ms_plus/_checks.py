@@ -70,7 +70,7 @@ def all_finite(t: torch.Tensor) -> bool:
     only a sum that overflowed (huge but finite values) needs the elementwise test. One
     pass and one host synchronisation instead of the five passes of ``isfinite(t).all()``.
     """
-    if t.is_floating_point() and math.isfinite(finite_probe(t).item()):
+    if t.is_floating_point() and probe_is_finite(finite_probe(t)):
         return True
     return bool(torch.isfinite(t).all())
 
