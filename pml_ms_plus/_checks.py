@@ -88,11 +88,10 @@ def finite_probe(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.zeros(()) if total is None else total
 
 
-@torch.compiler.disable
 def probe_is_finite(probe: torch.Tensor) -> bool:
-    """Whether :func:`finite_probe`'s value is finite: its one host read. ``torch.compile`` runs
-    it eagerly and breaks the graph at the call quietly (a traced ``.item()`` breaks it too,
-    with a warning that suggests capturing scalars, which cannot help here)."""
+    """Whether :func:`finite_probe`'s value is finite: its one host read (eager; a caller that
+    ``torch.compile`` traces branches on ``torch.isfinite(probe)`` in its own frame instead, a
+    quiet graph break where a traced ``.item()`` makes dynamo warn about capturing scalars)."""
     return math.isfinite(probe.item())
 
 

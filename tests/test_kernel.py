@@ -381,18 +381,26 @@ def test_finite_check_splits_the_compiled_loss_once():
         torch.compile(loss, backend="eager")(bad, y)
 
 
-def test_finite_check_compiles_without_a_warning(caplog):
+def test_finite_check_compiles_without_a_warning():
     """The finite check's host read is a deliberate graph break: compiling the default loss
-    logs no warning about it (a traced ``.item()`` made dynamo warn once per process that
-    scalar outputs could be captured, which cannot apply to a check that must reach the host)."""
-    import logging
+    prints no warning about it (a traced ``.item()`` made dynamo warn that scalar outputs
+    could be captured, which cannot apply to a check that must reach the host). Dynamo warns
+    once per process, so a fresh one compiles here."""
+    import subprocess
+    import sys
 
-    loss = losses.MSLoss(epsilon=0.1)
-    x, y = make_batch(25, n=16, dim=8, classes=4)
-    torch._dynamo.reset()
-    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
-        torch.compile(loss, backend="eager")(x, y)
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    script = (
+        "import torch\n"
+        "from pml_ms_plus import losses\n"
+        "g = torch.Generator().manual_seed(26)\n"
+        "x = torch.randn(16, 8, generator=g)\n"
+        "y = torch.arange(4).repeat_interleave(4)\n"
+        "torch.compile(losses.MSLoss(epsilon=0.1), backend='eager')(x, y)\n"
+        "print('compiled')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr
+    assert "capture_scalar_outputs" not in run.stderr and "Graph break" not in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("compiled", [False, True])

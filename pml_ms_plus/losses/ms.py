@@ -160,14 +160,16 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         self._check_inputs(embeddings, labels, ref_emb, ref_labels, finite=False)
         probe = _checks.finite_probe(embeddings, ref_emb) if self.check_finite else None
         # a non-finite probe (or an overflowing sum of finite values) takes the exact check; the
-        # reads stay in this frame (a read in a nested call breaks the graph at every level)
+        # reads stay in this frame (a read in a nested call breaks the graph at every level);
+        # compiled, the read is a branch on a 0-d bool tensor: dynamo breaks the graph there
+        # without the warning a traced .item() prints
         defer = torch.compiler.is_compiling() and not any(
             getattr(m, "collect_stats", False) for m in self.modules()
         )  # (the module scan only while tracing: eager steps skip it)
         if probe is not None and not defer and not _checks.probe_is_finite(probe):
             self._check_inputs(embeddings, labels, ref_emb, ref_labels)
         loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if probe is not None and defer and not _checks.probe_is_finite(probe):
+        if probe is not None and defer and not torch.isfinite(probe):
             self._check_inputs(embeddings, labels, ref_emb, ref_labels)
         return loss
 
