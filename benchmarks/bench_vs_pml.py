@@ -8,7 +8,9 @@ Cases (dimension 512, float32, 4 samples per class in each batch):
   * cross-batch memory, batch 256, memory 4,096 / 16,384 / 65,536 (full):
     ours ``CrossBatchMemory(MSLoss(epsilon=0.1), 512, M)`` against PML's
     ``CrossBatchMemory(MultiSimilarityLoss(), 512, M, miner=MultiSimilarityMiner(0.1))``;
-    ours alone at 262,144 and 1,048,576;
+    ours alone at 262,144 and 1,048,576; and M=16,384 "clustered": the embeddings of each
+    class around a centre (cosine ~0.6 within a class, ~0 across), as trained ones are, so
+    that the mining drops most negatives (random rows keep nearly all);
   * the floor of each case: the batch x reference matrix product and its backward alone,
     ``x @ y.T`` (anchor-major, as PML computes it); for the memory cases also the
     reference-major floor ``(y @ x.T).T``, the same product in the layout that is 15-35%
@@ -47,6 +49,7 @@ import torch
 DIM = 512
 SAMPLES_PER_CLASS = 4
 NUM_CLASSES_IN_MEMORY = 2000
+CLUSTER_NOISE = 0.036  # per dimension: a noise of norm ~0.8 around a unit centre
 
 
 def cases(tiny: bool):
@@ -66,6 +69,14 @@ def cases(tiny: bool):
         dict(name="in-batch B=4096", kind="batch", batch=4096, reps=3),
         dict(name="memory B=256 M=4,096", kind="memory", batch=256, memory=4096, reps=15),
         dict(name="memory B=256 M=16,384", kind="memory", batch=256, memory=16384, reps=9),
+        dict(
+            name="memory B=256 M=16,384, clustered",
+            kind="memory",
+            batch=256,
+            memory=16384,
+            reps=9,
+            clustered=True,
+        ),
         dict(name="memory B=256 M=65,536", kind="memory", batch=256, memory=65536, reps=5),
         dict(
             name="memory B=256 M=262,144 (ours only)",
@@ -97,11 +108,22 @@ def make_step(case, impl, device):
     g = torch.Generator().manual_seed(0)
     B = case["batch"]
     dim = case.get("dim", DIM)
-    x = torch.randn(B, dim, generator=g).to(device).requires_grad_(True)
     n_classes = NUM_CLASSES_IN_MEMORY if case["kind"] == "memory" else max(1, B // SAMPLES_PER_CLASS)
-    y = (
-        torch.randperm(n_classes, generator=g)[: B // SAMPLES_PER_CLASS].repeat_interleave(SAMPLES_PER_CLASS)
-    ).to(device)
+    g_c = torch.Generator().manual_seed(1)
+    centres = torch.nn.functional.normalize(torch.randn(n_classes, dim, generator=g_c), dim=1)
+
+    def embeddings(rows, labels):
+        """``rows`` random rows, or (``clustered``, like trained embeddings) each label's centre
+        plus noise: cosine ~0.6 within a class, ~0 +- 0.05 across, so the mining keeps few
+        negatives (random rows: nearly all)."""
+        if case.get("clustered"):
+            return centres[labels] + CLUSTER_NOISE * torch.randn(len(labels), dim, generator=g_c)
+        return rows
+
+    x = torch.randn(B, dim, generator=g)
+    y = torch.randperm(n_classes, generator=g)[: B // SAMPLES_PER_CLASS].repeat_interleave(SAMPLES_PER_CLASS)
+    x = embeddings(x, y).to(device).requires_grad_(True)
+    y = y.to(device)
 
     if case["kind"] == "batch":
         if impl == "pml":
@@ -126,8 +148,10 @@ def make_step(case, impl, device):
         return run
 
     M = case["memory"]
-    mem = torch.nn.functional.normalize(torch.randn(M, dim, generator=g), dim=1).to(device)
-    mem_y = torch.randint(0, n_classes, (M,), generator=g).to(device)
+    mem = torch.randn(M, dim, generator=g)
+    mem_y = torch.randint(0, n_classes, (M,), generator=g)
+    mem = torch.nn.functional.normalize(embeddings(mem, mem_y), dim=1).to(device)
+    mem_y = mem_y.to(device)
     if impl in ("floor", "floor_rm"):
         grad = torch.randn(B, M, generator=g).to(device)
 
