@@ -62,8 +62,8 @@ def cases(tiny: bool):
             ),
         ]
     return [
-        dict(name="in-batch B=32", kind="batch", batch=32, reps=300, warm=10),
-        dict(name="in-batch B=128", kind="batch", batch=128, reps=150, warm=10),
+        dict(name="in-batch B=32", kind="batch", batch=32, reps=1000, warm=20),
+        dict(name="in-batch B=128", kind="batch", batch=128, reps=400, warm=20),
         dict(name="in-batch B=512", kind="batch", batch=512, reps=15),
         dict(name="in-batch B=2048", kind="batch", batch=2048, reps=5),
         dict(name="in-batch B=4096", kind="batch", batch=4096, reps=3),

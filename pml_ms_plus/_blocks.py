@@ -510,6 +510,9 @@ def _exp_floor(dtype: torch.dtype) -> Tuple[float, float]:
     return lo, 2.0 * math.exp(lo)
 
 
+_EXP_FLOORS = {dtype: _exp_floor(dtype) for dtype in (torch.float32, torch.float64)}  # compute dtypes
+
+
 def exp_of_exponents_(z: torch.Tensor) -> torch.Tensor:
     """``exp(z)`` of a block's stabilised exponents ``z <= 0`` (``-inf`` on excluded pairs),
     with every result below ``2 e tiny`` (about ``6e-38`` in float32) set to 0; in place
@@ -524,7 +527,7 @@ def exp_of_exponents_(z: torch.Tensor) -> torch.Tensor:
     invisible in the sums, which hold the hardest pair's ``exp(0) = 1`` or the ``1 +``
     term; they change pair weights by less than ``6e-38`` and leave no subnormals in them.
     """
-    lo, cut = _exp_floor(z.dtype)
+    lo, cut = _EXP_FLOORS.get(z.dtype) or _exp_floor(z.dtype)
     R = z.clamp_(min=lo).exp_()
     return torch.threshold(R, cut, 0.0) if R.requires_grad else torch.threshold_(R, cut, 0.0)
 
