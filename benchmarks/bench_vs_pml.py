@@ -52,6 +52,12 @@ NUM_CLASSES_IN_MEMORY = 2000
 CLUSTER_NOISE = 0.036  # per dimension: a noise of norm ~0.8 around a unit centre
 
 
+def memory_case(memory: int, reps: int, note: str = "", **extra):
+    """A cross-batch memory case of batch 256 (``extra``: ``clustered``, ``pml``)."""
+    name = f"memory B=256 M={memory:,}{note}"
+    return dict(name=name, kind="memory", batch=256, memory=memory, reps=reps, **extra)
+
+
 def cases(tiny: bool):
     if tiny:
         return [
@@ -67,33 +73,12 @@ def cases(tiny: bool):
         dict(name="in-batch B=512", kind="batch", batch=512, reps=15),
         dict(name="in-batch B=2048", kind="batch", batch=2048, reps=5),
         dict(name="in-batch B=4096", kind="batch", batch=4096, reps=3),
-        dict(name="memory B=256 M=4,096", kind="memory", batch=256, memory=4096, reps=15),
-        dict(name="memory B=256 M=16,384", kind="memory", batch=256, memory=16384, reps=9),
-        dict(
-            name="memory B=256 M=16,384, clustered",
-            kind="memory",
-            batch=256,
-            memory=16384,
-            reps=9,
-            clustered=True,
-        ),
-        dict(name="memory B=256 M=65,536", kind="memory", batch=256, memory=65536, reps=5),
-        dict(
-            name="memory B=256 M=262,144 (ours only)",
-            kind="memory",
-            batch=256,
-            memory=262144,
-            reps=3,
-            pml=False,
-        ),
-        dict(
-            name="memory B=256 M=1,048,576 (ours only)",
-            kind="memory",
-            batch=256,
-            memory=1048576,
-            reps=1,
-            pml=False,
-        ),
+        memory_case(4096, 15),
+        memory_case(16384, 9),
+        memory_case(16384, 9, ", clustered", clustered=True),
+        memory_case(65536, 5),
+        memory_case(262144, 3, " (ours only)", pml=False),
+        memory_case(1048576, 1, " (ours only)", pml=False),
     ]
 
 
