@@ -41,9 +41,9 @@ a side keeps a pair exactly when it keeps its hardest one (:func:`kept_sides`),
 and the shift is exact after mining as well. The exponents are formed as
 ``coef * (S - ref)`` with ``ref`` the hardest similarity, so the hardest pair's
 is exactly 0 and every other one ``<= 0``: no overflow for any finite input, and
-an anchor whose pairs are all mined away has the loss 0. Pair terms below ``2 e tiny``
-(``exp(-inf)`` included) are formed as exact zeros, not subnormals
-(:func:`exp_of_exponents_`: the CPU's slow path of ``exp``). Each weighting is one
+an anchor whose pairs are all mined away has the loss 0. On the CPU the log-sum-exp
+weightings' pair terms below ``2 e tiny`` (``exp(-inf)`` included) are formed as exact zeros,
+not subnormals (:func:`exp_of_exponents_`: the slow path of the CPU's ``exp``). Each weighting is one
 entry of :data:`WEIGHTING_TABLE`. Everything is computed in float32 or wider.
 """
 
@@ -514,21 +514,25 @@ _EXP_FLOORS = {dtype: _exp_floor(dtype) for dtype in (torch.float32, torch.float
 
 
 def exp_of_exponents_(z: torch.Tensor) -> torch.Tensor:
-    """``exp(z)`` of a block's stabilised exponents ``z <= 0`` (``-inf`` on excluded pairs),
-    with every result below ``2 e tiny`` (about ``6e-38`` in float32) set to 0; in place
+    """``exp(z)`` of a block's stabilised exponents ``z <= 0`` (``-inf`` on excluded pairs); on
+    the CPU with every result below ``2 e tiny`` (``6.4e-38`` in float32) set to 0. In place
     where autograd allows.
 
     The CPU's vectorised ``exp`` takes a slow path for every result that is not a normal
     number: ``exp(-inf)`` of each excluded or mined-away pair costs 2.5-3.5x a normal one,
     and exponents that underflow into subnormals (pairs farther than ``87 / coef`` below the
-    hardest one) about 15x (eager and inductor alike). So the exponents are first clamped
-    to ``ln(tiny) + 1``, whose ``exp`` is normal, and results up to twice that are then
-    zeroed. Every value above the cut is unchanged bit for bit; the dropped ones are
-    invisible in the sums, which hold the hardest pair's ``exp(0) = 1`` or the ``1 +``
-    term; they change pair weights by less than ``6e-38`` and leave no subnormals in them.
+    hardest one in float32) about 15x (eager and inductor alike). So there the exponents are
+    first clamped to ``ln(tiny) + 1``, whose ``exp`` is normal, and results up to twice that
+    are then zeroed: the exponentials are exact zeros or normal numbers. Every value above the
+    cut is unchanged bit for bit; the dropped ones are invisible in the sums, which hold the
+    hardest pair's ``exp(0) = 1`` or the ``1 +`` term; a pair weight moves by less than the
+    cut. GPUs keep the plain ``exp`` (their arithmetic has no such slow path; the two extra
+    passes would only cost there).
     """
-    lo, cut = _EXP_FLOORS.get(z.dtype) or _exp_floor(z.dtype)
-    R = z.clamp_(min=lo).exp_()
+    if z.device.type != "cpu":
+        return z.exp_()
+    lo, cut = _EXP_FLOORS[z.dtype]  # the compute dtypes (float32, float64)
+    R = z.clamp_min_(lo).exp_()
     return torch.threshold(R, cut, 0.0) if R.requires_grad else torch.threshold_(R, cut, 0.0)
 
 
