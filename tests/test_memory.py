@@ -419,31 +419,3 @@ def test_two_calls_before_one_backward_match_pml(device, weights):
     del unused
     ours(x.detach(), y)
     assert ours.embedding_memory.data_ptr() == storage
-
-
-def test_a_retained_graph_backpropagates_again_after_the_next_call_like_pml(device):
-    """``backward(retain_graph=True)``, a second call (which enqueues), then a backward through
-    the first loss's graph again, as PML allows: that graph still holds the memory's buffers, so
-    the second call writes to copies, and the gradients are PML's. Once autograd has freed the
-    graph (a backward without ``retain_graph``), the next call writes in place again."""
-    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device)
-    theirs = pml_memory(device, torch.float32)
-    batches = list(steps(device, torch.float32, n_steps=6))
-    for x, y, _ in batches[:3]:
-        ours(x.detach(), y)
-        theirs(x.detach(), y)
-    grads = []
-    for xbm in (ours, theirs):
-        (x1, y1, _), (x2, y2, _) = batches[3:5]
-        a, b = x1.detach().requires_grad_(True), x2.detach().requires_grad_(True)
-        first = xbm(a, y1)
-        (g_first,) = torch.autograd.grad(first, a, retain_graph=True)
-        second = xbm(b, y2)
-        grads.append((g_first, *torch.autograd.grad(first + second, (a, b))))
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, **tol(torch.float32))
-    torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory)
-    storage = ours.embedding_memory.data_ptr()
-    x, y, _ = batches[5]
-    ours(x.detach(), y)  # both graphs freed: in place
-    assert ours.embedding_memory.data_ptr() == storage

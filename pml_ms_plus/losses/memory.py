@@ -24,47 +24,21 @@ class _HostState(NamedTuple):
     iteration: int
 
 
-class _Saved:
-    """A tensor autograd saved for a backward that shares storage with the memory's buffers."""
-
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-
 class _PendingBackward:
-    """Which of the memory's buffers a loss's graph saved for its backward (the kernel saves
-    the references; autograd's products the memory rows): while autograd holds any of them (a
-    backward not run yet, or run with ``retain_graph=True``), the buffers must not change in
-    place, or autograd would refuse that backward. Installed as saved-tensor hooks around the
-    loss's computation; autograd drops what it saved after a backward without
-    ``retain_graph``, or with the graph."""
+    """A loss whose graph holds the memory's buffers (the kernel saves the references for its
+    backward) and whose backward has not started: until it starts, and while the loss lives, the
+    buffers must not change in place (autograd would refuse that backward)."""
 
-    def __init__(self, buffers: Tuple[torch.Tensor, ...]) -> None:
-        self._storages = {b.untyped_storage().data_ptr() for b in buffers}
-        self._held: "weakref.WeakSet[_Saved]" = weakref.WeakSet()
+    def __init__(self, loss: torch.Tensor) -> None:
+        self._loss = weakref.ref(loss)
+        self._started = False
+        loss.register_hook(self._start)
 
-    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    def _pack(self, t: torch.Tensor) -> Any:
-        try:
-            storage = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):  # a tensor without storage: not a buffer's
-            return t
-        if storage not in self._storages:
-            return t
-        saved = _Saved(t)
-        self._held.add(saved)
-        return saved
-
-    @staticmethod
-    def _unpack(packed: Any) -> torch.Tensor:
-        return packed.tensor if isinstance(packed, _Saved) else packed
+    def _start(self, grad: torch.Tensor) -> None:
+        self._started = True
 
     def waiting(self) -> bool:
-        return len(self._held) > 0
+        return not self._started and self._loss() is not None
 
 
 class CrossBatchMemory(pml_losses.CrossBatchMemory):
@@ -240,9 +214,8 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         n = len(embeddings)
         start = self.queue_idx
         if self._pending is not None and self._pending.waiting():
-            # an earlier call's graph still holds the buffers (its backward not run yet: two calls,
-            # one backward, as in gradient accumulation; or run with retain_graph=True): it keeps
-            # them as they were, the writes go to copies
+            # an earlier call's loss still awaits its backward (two calls, one backward: gradient
+            # accumulation): it keeps the buffers as they were, the writes go to copies
             self.register_buffer("embedding_memory", self.embedding_memory.clone())
             self.register_buffer("label_memory", self.label_memory.clone())
         self._pending = None
@@ -300,17 +273,14 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             self._set_host_state(self._host_state()._replace(iteration=iteration + 1))
             if iteration < self.start_iteration:
                 return self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
-            pending = _PendingBackward((self.embedding_memory, self.label_memory))
-            with pending.hooks():
-                loss = self._memory_loss(
-                    anchors, anchor_labels, self_index, indices_tuple, enqueue_mask is None
-                )
+            loss = self._memory_loss(anchors, anchor_labels, self_index, indices_tuple, enqueue_mask is None)
             if self.memory_weight != 1:
                 loss = self.memory_weight * loss
             if self.batch_weight:
                 in_batch = self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
                 loss = loss + self.batch_weight * in_batch
-            self._pending = pending
+            if isinstance(loss, torch.Tensor) and loss.requires_grad:  # what the caller backpropagates
+                self._pending = _PendingBackward(loss)
             return loss
         except BaseException:
             self._restore(undo)
