@@ -3,8 +3,8 @@
     python benchmarks/bench_vs_pml.py [--device cuda] [--out benchmarks/results] [--tiny]
 
 Cases (dimension 512, float32, 4 samples per class in each batch):
-  * in-batch, batch 32 / 128 / 512 / 2048 / 4096: ``MSLoss(epsilon=0.1)`` against PML's
-    ``MultiSimilarityMiner(0.1)`` + ``MultiSimilarityLoss()``;
+  * in-batch, batch 32 / 128 / 512 / 2048 / 4096 (and 2048 "clustered", see below):
+    ``MSLoss(epsilon=0.1)`` against PML's ``MultiSimilarityMiner(0.1)`` + ``MultiSimilarityLoss()``;
   * cross-batch memory, batch 256, memory 4,096 / 16,384 / 65,536 (full):
     ours ``CrossBatchMemory(MSLoss(epsilon=0.1), 512, M)`` against PML's
     ``CrossBatchMemory(MultiSimilarityLoss(), 512, M, miner=MultiSimilarityMiner(0.1))``;
@@ -73,6 +73,7 @@ def cases(tiny: bool):
         dict(name="in-batch B=128", kind="batch", batch=128, reps=400, warm=20),
         dict(name="in-batch B=512", kind="batch", batch=512, reps=15),
         dict(name="in-batch B=2048", kind="batch", batch=2048, reps=5),
+        dict(name="in-batch B=2048, clustered", kind="batch", batch=2048, reps=5, clustered=True),
         dict(name="in-batch B=4096", kind="batch", batch=4096, reps=3),
         memory_case(4096, 15),
         memory_case(16384, 9),

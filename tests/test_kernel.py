@@ -13,13 +13,18 @@ from pml_ms_plus import _blocks, _kernel, losses
 from pml_ms_plus import functional as F_ms
 
 
-@pytest.fixture(params=["dense", "listed", "listed, anchor-major"])
+@pytest.fixture(params=["dense", "listed", "listed, anchor-major", "listed, sparse gradients"])
 def layout(request, monkeypatch):
     """Both layouts of a block's positives (see ``_blocks.Block``) on the same small problems;
     listed blocks of other references are stored reference-major unless told otherwise
-    (``_kernel.REFERENCE_MAJOR``, see ``_Problem.product``)."""
+    (``_kernel.REFERENCE_MAJOR``, see ``_Problem.product``). "sparse gradients": every
+    gradient block of the backward goes through its sparse copy (``_kernel._weights_operand``,
+    the CPU's), whatever its size and density."""
     monkeypatch.setattr(_kernel, "DENSE_ELEMENTS", 2**62 if request.param == "dense" else 0)
     monkeypatch.setattr(_kernel, "REFERENCE_MAJOR", request.param != "listed, anchor-major")
+    if request.param == "listed, sparse gradients":
+        monkeypatch.setattr(_kernel, "SPARSE_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(_kernel, "_sparse_density_limit", lambda dim: 1.0)
     return request.param
 
 
@@ -697,3 +702,59 @@ def test_negatives_are_mined_as_the_comparison_mines_them(device, dtype, epsilon
         torch.testing.assert_close(grad, expected, rtol=0, atol=0)
     finally:
         torch.set_flush_denormal(False)
+
+
+# ------------------------------------------------------- sparse gradient products (CPU)
+def _clustered(seed, labels, dim=512, classes=256, noise=0.07):
+    """Rows around their label's centre (one set of centres for every call), as trained
+    embeddings: cosine ~0.3 within a class, ~0 across; the mining keeps ~1% of the pairs."""
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(30))
+    centres = torch.nn.functional.normalize(centres, dim=1)
+    noise_rows = torch.randn(len(labels), dim, generator=torch.Generator().manual_seed(seed))
+    return centres[labels] + noise * noise_rows
+
+
+@pytest.mark.parametrize("case", ["in-batch B=1024", "memory B=64 M=16,384"])
+def test_sparse_gradient_products_of_trained_like_embeddings_equal_pml(device, monkeypatch, case):
+    """With the default thresholds, blocks of 2**20 pairs whose mining keeps ~1% of them take the
+    sparse products on the CPU (and the dense ones elsewhere), and the loss and gradient equal
+    PML's miner + loss (in-batch) and PML's CrossBatchMemory (memory)."""
+    layouts = []
+    operand = _kernel._weights_operand
+
+    def spy(G, dim):
+        W = operand(G, dim)
+        layouts.append(W.layout)
+        return W
+
+    monkeypatch.setattr(_kernel, "_weights_operand", spy)
+    dim = 512
+    g = torch.Generator().manual_seed(31)
+    if case.startswith("in-batch"):
+        y = torch.randperm(1024, generator=g) % 256
+        x = _clustered(32, y).requires_grad_(True)
+        ours = losses.MSLoss(epsilon=0.1)
+        pml_miner, pml_loss = pml_miners.MultiSimilarityMiner(0.1), pml_losses.MultiSimilarityLoss()
+        value, expected = ours(x.to(device), y.to(device)), pml_loss(x, y, pml_miner(x, y))
+    else:
+        mem_y = torch.randint(0, 256, (16384,), generator=g)
+        mem = torch.nn.functional.normalize(_clustered(33, mem_y), dim=1)
+        y = torch.randperm(256, generator=g)[:16].repeat_interleave(4)
+        x = _clustered(34, y).requires_grad_(True)
+        pml_xbm = pml_losses.CrossBatchMemory(
+            pml_losses.MultiSimilarityLoss(), dim, 16384, miner=pml_miners.MultiSimilarityMiner(0.1)
+        )
+        ours_xbm = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), dim, 16384).to(device)
+        for xbm in (pml_xbm, ours_xbm):
+            with torch.no_grad():
+                xbm.embedding_memory.copy_(mem)
+                xbm.label_memory.copy_(mem_y)
+            xbm.has_been_filled = True
+        value, expected = ours_xbm(x.to(device), y.to(device)), pml_xbm(x, y)
+    (grad,) = torch.autograd.grad(value, x)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    assert 0 < float(expected) and expected_grad.abs().sum() > 0  # pairs were mined
+    torch.testing.assert_close(value.cpu(), expected, **tol(torch.float32))
+    torch.testing.assert_close(grad.cpu(), expected_grad, **tol(torch.float32))
+    sparse = torch.sparse_csr if device.type == "cpu" else torch.strided
+    assert layouts == [sparse]
