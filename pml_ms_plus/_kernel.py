@@ -192,8 +192,9 @@ def _weights_operand(G: torch.Tensor, dim: int) -> torch.Tensor:
     sparse CSR copy of its nonzero entries when they are few, else ``G`` itself. The CPU with
     MKL only (measured there), float32/float64, blocks of :data:`SPARSE_MIN_ELEMENTS` or more, not
     while ``torch.compile`` traces (the density is read on the host). The products' sums run
-    in another order than the dense product's (rounding differs, ~1e-7 relative). The copy
-    and its index take ~20 bytes per nonzero, at most 14% of the block's own storage."""
+    in another order than the dense product's (rounding differs, ~1e-7 relative). Building
+    the copy takes up to ~60 bytes per nonzero for a moment (D=512: under half the float32
+    block's storage), within the two working blocks the memory budget reserves."""
     limit = _sparse_density_limit(dim)
     if (
         limit <= 0
