@@ -187,22 +187,42 @@ def _sparse_density_limit(dim: int) -> float:
     return 0.75 * (0.05 - 6.7 / dim)
 
 
+_MKL = torch.backends.mkl.is_available()  # read once: torch.compile cannot trace the call
+_csr_notice_silenced = False  # torch's one-time "sparse CSR support is in beta" notice
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A CSR tensor of trusted indices (no invariant checks); the first one built with torch's
+    one-time beta notice silenced (only then: ``catch_warnings`` resets the warning registry)."""
+    global _csr_notice_silenced
+    if _csr_notice_silenced:
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        W = torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    _csr_notice_silenced = True
+    return W
+
+
 def _weights_operand(G: torch.Tensor, dim: int) -> torch.Tensor:
     """``G`` for the backward's products ``G @ y`` and ``G.T @ x`` with ``dim``-wide rows: a
-    sparse CSR copy of its nonzero entries when they are few, else ``G`` itself. The CPU with
-    MKL only (measured there), float32/float64, blocks of :data:`SPARSE_MIN_ELEMENTS` or more, not
-    while ``torch.compile`` traces (the density is read on the host). The products' sums run
-    in another order than the dense product's (rounding differs, ~1e-7 relative). Building
-    the copy takes up to ~60 bytes per nonzero for a moment (D=512: under half the float32
-    block's storage), within the two working blocks the memory budget reserves."""
+    sparse CSR copy of its nonzero entries when they are few, else ``G`` itself. Not while
+    ``torch.compile`` traces (the density is read on the host); the CPU with MKL only (measured
+    there), float32/float64, contiguous blocks (or transposed views of them) of
+    :data:`SPARSE_MIN_ELEMENTS` or more. The density is estimated from evenly spaced rows, then
+    counted (no allocation) before the nonzeros are listed. The products' sums run in another
+    order than the dense product's (rounding differs, ~1e-7 relative). Building the copy takes
+    up to ~60 bytes per nonzero for a moment (D=512: under half the float32 block's storage),
+    within the two working blocks the memory budget reserves."""
+    if torch.compiler.is_compiling():
+        return G
     limit = _sparse_density_limit(dim)
     if (
         limit <= 0
+        or not _MKL
         or G.device.type != "cpu"
-        or not torch.backends.mkl.is_available()  # measured with MKL's sparse product
         or G.dtype not in (torch.float32, torch.float64)
         or G.numel() < SPARSE_MIN_ELEMENTS
-        or torch.compiler.is_compiling()
     ):
         return G
     major = _reference_major(G)  # stored (M, B): its entries in reference order
@@ -210,23 +230,22 @@ def _weights_operand(G: torch.Tensor, dim: int) -> torch.Tensor:
     if not storage.is_contiguous():
         return G
     rows, cols = storage.shape
-    sample = storage[:: max(1, rows // max(1, _DENSITY_SAMPLE // cols))]  # evenly spaced rows
+    sample = storage[:: max(1, rows // max(1, _DENSITY_SAMPLE // cols))]
     if int(sample.count_nonzero()) > limit * sample.numel():
+        return G
+    if int(storage.count_nonzero()) > limit * storage.numel():  # the sample was not representative
         return G
     flat = storage.view(-1)
     index = flat.nonzero().squeeze(1)  # in storage order
-    if index.numel() > limit * flat.numel():  # the sample was not representative
-        return G
     row = index // cols
     col = index - row * cols
     if major:  # CSR wants G's rows (the anchors, storage columns) in order
         row, order = torch.sort(col, stable=True)
-        col, index = index[order] // cols, index[order]
+        index = index[order]
+        col = index // cols
     crow = index.new_zeros(G.shape[0] + 1)
     torch.cumsum(torch.bincount(row, minlength=G.shape[0]), 0, out=crow[1:])
-    with warnings.catch_warnings():  # torch's one-time "sparse CSR support is in beta" notice
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, flat[index], G.shape)
+    return _csr(crow, col, flat[index], G.shape)
 
 
 def _compiled_gradient_block(
@@ -896,7 +915,7 @@ class _FusedMS(torch.autograd.Function):
                         G.add_(w_pos)
                     else:
                         G.index_put_((blk.pa, blk.pj), w_pos, accumulate=True)
-                W = _weights_operand(G, x.shape[1])
+                W = _weights_operand(G, x.shape[1]) if needs[0] or dy is not None else G
                 if fold and needs[0]:
                     dx = (G + G.T) @ x if W is G else (W @ x).add_(W.t() @ x)
                 elif needs[0]:
