@@ -385,6 +385,42 @@ def test_empty_batch_gives_zero(device):
     assert float(value.detach()) == 0.0 and g.shape == (0, DIM) and ours.queue_idx == BATCH
 
 
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+def test_a_retained_graph_backpropagates_again_after_the_next_call_as_with_pml(device, epsilon):
+    """``backward(retain_graph=True)``, another call (which enqueues), then a second backward
+    through the first graph: PML's graph holds its own normalised copy of the memory, ours holds
+    the buffers, so the next call writes to copies while that graph lives; the gradients equal
+    PML's (before, autograd refused the second backward: buffers changed in place). Once the
+    retained loss is dropped, the writes are in place again."""
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=epsilon), DIM, memory_size=MEMORY).to(device)
+    miner = None if epsilon is None else pml_miners.MultiSimilarityMiner(epsilon)
+    theirs = pml_losses.CrossBatchMemory(pml_losses.MultiSimilarityLoss(), DIM, MEMORY, miner=miner)
+    theirs = theirs.to(device)
+    batches = list(steps(device, torch.float32, n_steps=5))
+    for x, y, _ in batches[:3]:
+        ours(x.detach(), y)
+        theirs(x.detach(), y)
+    grads = []
+    for xbm in (ours, theirs):
+        (x1, y1, _), (x2, y2, _) = batches[3:]
+        a, b = x1.detach().requires_grad_(True), x2.detach().requires_grad_(True)
+        first = xbm(a, y1)
+        (once,) = torch.autograd.grad(first, a, retain_graph=True)
+        second = xbm(b, y2)
+        (other,) = torch.autograd.grad(second, b)
+        (again,) = torch.autograd.grad(first, a)  # through the retained graph
+        torch.testing.assert_close(again, once)
+        grads.append((once, other))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, **tol(torch.float32))
+    torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory)
+    del first
+    storage = ours.embedding_memory.data_ptr()
+    for x, y, _ in batches[:2]:
+        ours(x.detach().requires_grad_(True), y).backward()
+    assert ours.embedding_memory.data_ptr() == storage
+
+
 @pytest.mark.parametrize("weights", [dict(), dict(batch_weight=0.5, memory_weight=2.0)])
 def test_two_calls_before_one_backward_match_pml(device, weights):
     """Gradient accumulation: a second call enqueues while the first call's loss still awaits

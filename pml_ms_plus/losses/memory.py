@@ -24,21 +24,22 @@ class _HostState(NamedTuple):
     iteration: int
 
 
-class _PendingBackward:
-    """A loss whose graph holds the memory's buffers (the kernel saves the references for its
-    backward) and whose backward has not started: until it starts, and while the loss lives, the
-    buffers must not change in place (autograd would refuse that backward)."""
+class _GraphHold:
+    """Whether a loss's graph can still backpropagate through the memory's buffers.
 
-    def __init__(self, loss: torch.Tensor) -> None:
-        self._loss = weakref.ref(loss)
-        self._started = False
-        loss.register_hook(self._start)
+    The fused kernel saves the references and their labels it is given for its backward
+    (autograd then refuses that backward once they change in place). The memory hands it views
+    of its buffers that are tensor objects of their own, and keeps only weak references to them:
+    a view lives exactly as long as a graph holds it — before that graph's backward, and after a
+    backward with ``retain_graph=True`` while the loss lives — and is gone once a backward frees
+    the graph or the loss is dropped (or at once when nothing saved it: no gradient wanted, a
+    path that normalises a copy)."""
 
-    def _start(self, grad: torch.Tensor) -> None:
-        self._started = True
+    def __init__(self, *views: torch.Tensor) -> None:
+        self._views = [weakref.ref(v) for v in views]
 
-    def waiting(self) -> bool:
-        return not self._started and self._loss() is not None
+    def held(self) -> bool:
+        return any(v() is not None for v in self._views)
 
 
 class CrossBatchMemory(pml_losses.CrossBatchMemory):
@@ -167,7 +168,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         self.register_buffer("filled", torch.zeros((), dtype=torch.bool))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self._host: Optional[_HostState] = _HostState(0, False, 0)
-        self._pending: Optional[_PendingBackward] = None
+        self._hold: Optional[_GraphHold] = None
 
     def _host_state(self) -> "_HostState":
         """The write position, fill flag and call counter as Python values: read from the
@@ -213,12 +214,13 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     ) -> None:
         n = len(embeddings)
         start = self.queue_idx
-        if self._pending is not None and self._pending.waiting():
-            # an earlier call's loss still awaits its backward (two calls, one backward: gradient
-            # accumulation): it keeps the buffers as they were, the writes go to copies
+        if self._hold is not None and self._hold.held():
+            # an earlier call's graph can still backpropagate through the buffers (two calls, one
+            # backward: gradient accumulation; or a backward with retain_graph=True): it keeps
+            # them as they were, the writes go to copies
             self.register_buffer("embedding_memory", self.embedding_memory.clone())
             self.register_buffer("label_memory", self.label_memory.clone())
-        self._pending = None
+        self._hold = None
         self.curr_batch_idx = (
             torch.arange(start, start + n, device=self.embedding_memory.device) % self.memory_size
         )
@@ -279,8 +281,6 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             if self.batch_weight:
                 in_batch = self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
                 loss = loss + self.batch_weight * in_batch
-            if isinstance(loss, torch.Tensor) and loss.requires_grad:  # what the caller backpropagates
-                self._pending = _PendingBackward(loss)
             return loss
         except BaseException:
             self._restore(undo)
@@ -312,7 +312,9 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     ) -> torch.Tensor:
         E_mem, L_mem = self.memory()
         dtype = torch.promote_types(anchors.dtype, E_mem.dtype)
-        anchors, E_mem = anchors.to(dtype), E_mem.to(dtype)
+        anchors, E_mem = anchors.to(dtype), E_mem.to(dtype).view_as(E_mem)  # tensors of their own
+        L_mem = L_mem.view_as(L_mem)
+        self._hold = _GraphHold(E_mem, L_mem)  # whether a graph keeps them (see add_to_memory)
         if len(E_mem) == 0 or len(anchors) == 0:
             return torch.sum(anchors * 0)
         if self.miner is None and indices_tuple is None:
