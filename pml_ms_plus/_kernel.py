@@ -41,7 +41,8 @@ fixes the block width instead.
 Higher-order gradients: a backward run with ``create_graph=True`` (grad mode on
 inside the backward) differentiates a dense, differentiable recomputation of the
 same loss instead, so second derivatives are exact (``gradgradcheck`` passes);
-``torch.func`` transforms work through ``setup_context``.
+``torch.func.grad`` works through ``setup_context`` (tested); ``vmap`` and ``jacrev`` of
+the loss are not supported.
 """
 
 from __future__ import annotations
