@@ -1,11 +1,13 @@
 """CrossBatchMemory: PML parity over steps, the self-copy difference, warm-up, checkpoints, bad input."""
 
+import contextlib
 import copy
 import shutil
 
 import pytest
 import torch
 from helpers import make_batch, tol
+from pytorch_metric_learning import distances
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.reducers import DoNothingReducer
@@ -415,10 +417,11 @@ def test_a_retained_graph_backpropagates_again_after_the_next_call_as_with_pml(d
         torch.testing.assert_close(got, want, **tol(torch.float32))
     torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory)
     del first
-    storage = ours.embedding_memory.data_ptr()
-    for x, y, _ in batches[:2]:
-        ours(x.detach().requires_grad_(True), y).backward()
-    assert ours.embedding_memory.data_ptr() == storage
+    buffer = ours.embedding_memory
+    for x, y, _ in batches[:2]:  # the usual loop: the last loss lives during the next call
+        loss = ours(x.detach().requires_grad_(True), y)
+        loss.backward()
+    assert ours.embedding_memory is buffer  # written in place: no copy
 
 
 @pytest.mark.parametrize("weights", [dict(), dict(batch_weight=0.5, memory_weight=2.0)])
@@ -447,11 +450,44 @@ def test_two_calls_before_one_backward_match_pml(device, weights):
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, **tol(torch.float32))
     torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory)
-    storage = ours.embedding_memory.data_ptr()
+    buffer = ours.embedding_memory
     for x, y, _ in batches[:2]:  # the usual loop: each backward before the next call
-        x = x.detach().requires_grad_(True)
-        ours(x, y).backward()
+        loss = ours(x.detach().requires_grad_(True), y)  # (the last loss lives during the call)
+        loss.backward()
     unused = ours(x.detach().requires_grad_(True), y)  # a loss never backpropagated, then dropped
     del unused
     ours(x.detach(), y)
-    assert ours.embedding_memory.data_ptr() == storage
+    assert ours.embedding_memory is buffer  # written in place: no copy
+
+
+@pytest.mark.parametrize("case", ["saved-tensor hooks", "dot product, dense path"])
+def test_two_calls_before_one_backward_with_graphs_that_hold_other_objects(device, case):
+    """Gradient accumulation where the graph holds the buffers through objects other than the
+    views the memory hands the loss: saved-tensor hooks whose pack returns another tensor on the
+    same storage (autograd then skips its version check: in-place writes would give silently
+    wrong gradients), and an unnormalised dot product on the dense path (``matmul`` saves a
+    transposed view). The loss awaiting its backward still sends the writes to copies, so the
+    gradients equal those of the same two calls each backpropagated before the next (PML's own
+    memory raises on the raw dot product)."""
+    if case == "saved-tensor hooks":
+        make = lambda: losses.MSLoss(epsilon=0.1)  # noqa: E731
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t)
+    else:
+        dot = distances.DotProductSimilarity(normalize_embeddings=False)
+        make = lambda: losses.MSLoss(epsilon=0.1, fused=False, distance=dot)  # noqa: E731
+        hooks = contextlib.nullcontext()
+    ours = losses.CrossBatchMemory(make(), DIM, memory_size=MEMORY).to(device)
+    batches = list(steps(device, torch.float32, n_steps=5))
+    for x, y, _ in batches[:3]:
+        ours(x.detach(), y)
+    reference = copy.deepcopy(ours)
+    (x1, y1, _), (x2, y2, _) = batches[3:]
+    a, b = x1.detach().requires_grad_(True), x2.detach().requires_grad_(True)
+    with hooks:
+        total = ours(a, y1) + ours(b, y2)
+    got = torch.autograd.grad(total, (a, b))
+    for x, y, g in ((x1, y1, got[0]), (x2, y2, got[1])):
+        x = x.detach().requires_grad_(True)
+        (want,) = torch.autograd.grad(reference(x, y), x)
+        torch.testing.assert_close(g, want, **tol(torch.float32))
+    torch.testing.assert_close(ours.embedding_memory, reference.embedding_memory)

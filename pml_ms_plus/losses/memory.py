@@ -24,22 +24,39 @@ class _HostState(NamedTuple):
     iteration: int
 
 
-class _GraphHold:
-    """Whether a loss's graph can still backpropagate through the memory's buffers.
+class _BufferUse:
+    """Whether an earlier call's graph may still read the memory's buffers, which must then not
+    change in place (the fused kernel saves the references and their labels for its backward;
+    autograd refuses that backward once they changed, or, for tensors saved through hooks that
+    skip its version check, reads the new contents). Two signals; either one means "in use":
 
-    The fused kernel saves the references and their labels it is given for its backward
-    (autograd then refuses that backward once they change in place). The memory hands it views
-    of its buffers that are tensor objects of their own, and keeps only weak references to them:
-    a view lives exactly as long as a graph holds it — before that graph's backward, and after a
-    backward with ``retain_graph=True`` while the loss lives — and is gone once a backward frees
-    the graph or the loss is dropped (or at once when nothing saved it: no gradient wanted, a
-    path that normalises a copy)."""
+    * the views of the buffers handed to the loss (tensor objects of their own) are alive: a
+      graph that saved them keeps them (PyTorch keeps a tensor's Python object while autograd
+      holds it) — before its backward, and after a backward with ``retain_graph=True`` while the
+      loss lives; a backward that frees the graph, or dropping the loss, ends it;
+    * the call's loss lives and its backward has not started (a hook on the loss): graphs that
+      hold the buffers through other objects (a compiled graph, a derived view, saved-tensor
+      hooks) until their first backward.
+
+    Not covered: a graph that holds the buffers through other objects *and* is backpropagated
+    again after a retained backward."""
 
     def __init__(self, *views: torch.Tensor) -> None:
         self._views = [weakref.ref(v) for v in views]
+        self._loss: Optional["weakref.ref[torch.Tensor]"] = None
+        self._started = False
 
-    def held(self) -> bool:
-        return any(v() is not None for v in self._views)
+    def watch(self, loss: torch.Tensor) -> None:
+        """Also watch the call's ``loss`` (requiring grad) until its backward starts."""
+        self._loss = weakref.ref(loss)
+        loss.register_hook(self._start)
+
+    def _start(self, grad: torch.Tensor) -> None:
+        self._started = True
+
+    def in_use(self) -> bool:
+        waiting = self._loss is not None and not self._started and self._loss() is not None
+        return waiting or any(v() is not None for v in self._views)
 
 
 class CrossBatchMemory(pml_losses.CrossBatchMemory):
@@ -168,7 +185,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         self.register_buffer("filled", torch.zeros((), dtype=torch.bool))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self._host: Optional[_HostState] = _HostState(0, False, 0)
-        self._hold: Optional[_GraphHold] = None
+        self._use: Optional[_BufferUse] = None
 
     def _host_state(self) -> "_HostState":
         """The write position, fill flag and call counter as Python values: read from the
@@ -214,13 +231,13 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     ) -> None:
         n = len(embeddings)
         start = self.queue_idx
-        if self._hold is not None and self._hold.held():
-            # an earlier call's graph can still backpropagate through the buffers (two calls, one
-            # backward: gradient accumulation; or a backward with retain_graph=True): it keeps
-            # them as they were, the writes go to copies
+        if self._use is not None and self._use.in_use():
+            # an earlier call's graph may still read the buffers (two calls, one backward:
+            # gradient accumulation; or a backward with retain_graph=True): it keeps them as they
+            # were, the writes go to copies
             self.register_buffer("embedding_memory", self.embedding_memory.clone())
             self.register_buffer("label_memory", self.label_memory.clone())
-        self._hold = None
+        self._use = None
         self.curr_batch_idx = (
             torch.arange(start, start + n, device=self.embedding_memory.device) % self.memory_size
         )
@@ -281,6 +298,8 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             if self.batch_weight:
                 in_batch = self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
                 loss = loss + self.batch_weight * in_batch
+            if self._use is not None and isinstance(loss, torch.Tensor) and loss.requires_grad:
+                self._use.watch(loss)  # what the caller backpropagates
             return loss
         except BaseException:
             self._restore(undo)
@@ -314,7 +333,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         dtype = torch.promote_types(anchors.dtype, E_mem.dtype)
         anchors, E_mem = anchors.to(dtype), E_mem.to(dtype).view_as(E_mem)  # tensors of their own
         L_mem = L_mem.view_as(L_mem)
-        self._hold = _GraphHold(E_mem, L_mem)  # whether a graph keeps them (see add_to_memory)
+        self._use = _BufferUse(E_mem, L_mem)  # whether a graph keeps them (see add_to_memory)
         if len(E_mem) == 0 or len(anchors) == 0:
             return torch.sum(anchors * 0)
         if self.miner is None and indices_tuple is None:
