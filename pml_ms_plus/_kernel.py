@@ -174,9 +174,11 @@ def _reference_major(block: torch.Tensor) -> bool:
 # Sparse gradient products (CPU): after the mining most pair weights of trained embeddings are 0
 # (a memory's block keeps ~1% of its negatives), and a product with the nonzero pairs alone is
 # cheaper than the dense one. Measured on 2 cores, float32, B=256 x 16,384 references: dense
-# ~2 ns per element + 0.015 ns per element and dimension, sparse (finding the nonzeros, then
-# MKL's sparse product) ~2 ns per element + 0.3 ns per nonzero and dimension; below
-# :func:`_sparse_density_limit` (3/4 of the break-even density) the sparse product wins.
+# ~0.015 ns per element and dimension, sparse ~2 ns per element (finding the nonzeros) + 0.3 ns
+# per nonzero and dimension (MKL's sparse product); below :func:`_sparse_density_limit` (3/4 of
+# the break-even density) the sparse product wins. The in-batch fold (``W @ x + W.T @ x``, two
+# sparse products against one dense) was measured too: at the D=512 limit (2.8%) sparse takes
+# 0.6-0.9x the dense fold's time (B=1024-4096).
 SPARSE_MIN_ELEMENTS = 2**20  # smaller blocks: the dense product (fixed costs dominate)
 _DENSITY_SAMPLE = 2**16  # entries read to estimate a block's density before converting it
 

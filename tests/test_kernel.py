@@ -21,7 +21,7 @@ def layout(request, monkeypatch):
     listed blocks of other references are stored reference-major unless told otherwise
     (``_kernel.REFERENCE_MAJOR``, see ``_Problem.product``). "sparse gradients": every
     gradient block of the backward goes through its sparse copy (``_kernel._weights_operand``,
-    the CPU's), whatever its size and density."""
+    on a CPU with MKL; elsewhere the case repeats "listed"), whatever its size and density."""
     monkeypatch.setattr(_kernel, "DENSE_ELEMENTS", 2**62 if request.param == "dense" else 0)
     monkeypatch.setattr(_kernel, "REFERENCE_MAJOR", request.param != "listed, anchor-major")
     if request.param == "listed, sparse gradients":
@@ -764,6 +764,7 @@ def test_sparse_gradient_products_of_trained_like_embeddings_equal_pml(device, m
     assert layouts == [torch.sparse_csr if sparse else torch.strided]
 
 
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="sparse copies need MKL")
 def test_sparse_products_show_no_torch_notice_and_leave_warnings_alone():
     """In a fresh process (torch's notices fire once per process), with Python's default warning
     filters: building the sparse copies shows none of torch's sparse notices, and a user's
@@ -780,7 +781,7 @@ G[::7, ::13] = 1.0
 for _ in range(5):
     user()
     W = _kernel._weights_operand(G, 512)
-    assert W.layout == (torch.sparse_csr if torch.backends.mkl.is_available() else torch.strided)
+    assert W.layout == torch.sparse_csr
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -788,6 +789,7 @@ for _ in range(5):
     assert "sparse" not in run.stderr.lower(), run.stderr
 
 
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="sparse copies need MKL")
 def test_a_misleading_row_sample_costs_no_list_of_nonzeros(monkeypatch):
     """A block dense but on exactly the rows its density sample reads is counted in full before
     its nonzeros are listed: it stays dense, and no index of 8 bytes per entry (twice a float32
@@ -804,5 +806,4 @@ def test_a_misleading_row_sample_costs_no_list_of_nonzeros(monkeypatch):
     G = (torch.rand(1024, 1024, generator=torch.Generator().manual_seed(5)) < 0.02).float()
     # truly sparse (2%): listed once, and the copy equals the block
     W = _kernel._weights_operand(G, 512)
-    if torch.backends.mkl.is_available():
-        assert listed == [G.numel()] and torch.equal(W.to_dense(), G)
+    assert listed == [G.numel()] and torch.equal(W.to_dense(), G)

@@ -392,7 +392,7 @@ def test_a_retained_graph_backpropagates_again_after_the_next_call_as_with_pml(d
     """``backward(retain_graph=True)``, another call (which enqueues), then a second backward
     through the first graph: PML's graph holds its own normalised copy of the memory, ours holds
     the buffers, so the next call writes to copies while that graph lives; the gradients equal
-    PML's (before, autograd refused the second backward: buffers changed in place). Once the
+    PML's (before, autograd refused the second backward: buffers changed in place). Once a
     retained loss is dropped, the writes are in place again."""
     ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=epsilon), DIM, memory_size=MEMORY).to(device)
     miner = None if epsilon is None else pml_miners.MultiSimilarityMiner(epsilon)
@@ -416,7 +416,10 @@ def test_a_retained_graph_backpropagates_again_after_the_next_call_as_with_pml(d
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, **tol(torch.float32))
     torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory)
-    del first
+    x, y, _ = batches[0]
+    retained = ours(x.detach().requires_grad_(True), y)
+    retained.backward(retain_graph=True)
+    del retained  # the retained graph goes with its loss
     buffer = ours.embedding_memory
     for x, y, _ in batches[:2]:  # the usual loop: the last loss lives during the next call
         loss = ours(x.detach().requires_grad_(True), y)

@@ -38,8 +38,9 @@ class _BufferUse:
       hold the buffers through other objects (a compiled graph, a derived view, saved-tensor
       hooks) until their first backward.
 
-    Not covered: a graph that holds the buffers through other objects *and* is backpropagated
-    again after a retained backward."""
+    Not covered: a graph that holds the buffers through other objects *and* either is
+    backpropagated again after a retained backward, or outlives the loss object the call
+    returned (``total = total + xbm(x, y)`` keeps the graph but drops that object)."""
 
     def __init__(self, *views: torch.Tensor) -> None:
         self._views = [weakref.ref(v) for v in views]
