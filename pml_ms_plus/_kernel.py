@@ -240,12 +240,13 @@ def _weights_operand(G: torch.Tensor, dim: int) -> torch.Tensor:
         return G
     flat = storage.view(-1)
     index = flat.nonzero().squeeze(1)  # in storage order
-    row = index // cols
-    col = index - row * cols
     if major:  # CSR wants G's rows (the anchors, storage columns) in order
-        row, order = torch.sort(col, stable=True)
+        row, order = torch.sort(index % cols, stable=True)
         index = index[order]
         col = index // cols
+    else:
+        row = index // cols
+        col = index - row * cols
     crow = index.new_zeros(G.shape[0] + 1)
     torch.cumsum(torch.bincount(row, minlength=G.shape[0]), 0, out=crow[1:])
     return _csr(crow, col, flat[index], G.shape)
