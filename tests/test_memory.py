@@ -367,6 +367,66 @@ def test_pml_state_dict_loads_with_a_clear_story(device):
     torch.testing.assert_close(ours(x, y), theirs(x, y))
 
 
+def _bad_memory_state(good, case):
+    """A copy of the state dict ``good`` with one problem (see the test below)."""
+    bad = {k: v.clone() for k, v in good.items()}
+    if case == "non-integer labels":
+        bad["embedding_memory"] = torch.full_like(bad["embedding_memory"], 7.0)
+        bad["label_memory"] = torch.full(bad["label_memory"].shape, 0.5)
+        bad["queue_position"] = torch.tensor(3)
+    elif case == "another memory size":
+        bad["embedding_memory"] = torch.zeros(MEMORY + 1, DIM)
+        bad["label_memory"] = torch.zeros(MEMORY + 1, dtype=torch.long)
+        bad["queue_position"] = torch.tensor(MEMORY)
+    elif case == "another embedding size":
+        bad["embedding_memory"] = torch.zeros(MEMORY, DIM + 1)
+    elif case == "position past the end":
+        bad["queue_position"] = torch.tensor(MEMORY)
+        bad["label_memory"] = torch.zeros_like(bad["label_memory"])
+    else:  # "negative call counter"
+        bad["iteration"] = torch.tensor(-1)
+        bad["label_memory"] = torch.zeros_like(bad["label_memory"])
+    return bad
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("non-integer labels", "non-integer labels"),
+        ("another memory size", r"embedding_memory has shape \(51, 16\), this memory's is \(50, 16\)"),
+        ("another embedding size", r"embedding_memory has shape \(50, 17\)"),
+        ("position past the end", r"queue_position is 50, outside \[0, 50\)"),
+        ("negative call counter", "iteration is -1"),
+    ],
+)
+@pytest.mark.parametrize("nested", [False, True], ids=["memory", "inside a model"])
+def test_a_refused_checkpoint_changes_nothing(device, case, message, nested):
+    """``load_state_dict`` refuses a malformed memory state with a message naming the problem,
+    and the memory is as before, every buffer and the write position: torch copies the
+    well-formed entries before it raises, so the check comes first (before, a refused checkpoint
+    had overwritten the embeddings, labels and write position). Also when the memory is a
+    submodule of the module being loaded."""
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device)
+    for x, y, _ in list(steps(device, torch.float32, n_steps=3)):
+        ours(x, y)
+    host = (ours.queue_idx, ours.has_been_filled)
+    before = copy.deepcopy(ours.state_dict())
+    bad = _bad_memory_state(before, case)
+    target = ours
+    if nested:
+        target = torch.nn.ModuleDict({"xbm": ours})
+        bad = {"xbm." + k: v for k, v in bad.items()}
+    with pytest.raises(RuntimeError, match=message) as raised:
+        target.load_state_dict(bad)
+    assert "Missing key" not in str(raised.value) and "Unexpected key" not in str(raised.value)
+    assert (ours.queue_idx, ours.has_been_filled) == host
+    for key, value in ours.state_dict().items():
+        assert torch.equal(before[key], value), key
+    x, y, _ = next(iter(steps(device, torch.float32, n_steps=1)))
+    ours(x, y)  # still works, from where it was
+    assert ours.queue_idx == (host[0] + BATCH) % MEMORY
+
+
 def test_gather_setting(device):
     with pytest.raises(ValueError, match="gather must be"):
         losses.CrossBatchMemory(losses.MSLoss(), DIM, gather="yes")

@@ -495,9 +495,42 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         unexpected: List[str],
         errors: List[str],
     ) -> None:
-        """Stored labels are class ids: refuse a checkpoint with non-integer labels. The host copy
-        of the position, fill flag and counter is re-read from the buffers after any load."""
+        """Check this memory's entries of a state dict before anything is copied: each buffer's
+        shape, integer labels (class ids), a write position in ``[0, memory_size)``, a
+        non-negative call counter. On a problem the entries of this module and of its children
+        are replaced by their current values (so nothing of them changes: torch would copy the
+        well-formed ones before raising) and the problem is reported (``load_state_dict``
+        raises). The host copy of the position, fill flag and counter is re-read from the
+        buffers after any load."""
         module._host = None
+        problems = module._state_problems(state_dict, prefix)
+        if problems:
+            current = module.state_dict(prefix=prefix, keep_vars=True)
+            for key in [k for k in state_dict if k in current]:
+                state_dict[key] = current[key]
+            errors.extend(problems)
+
+    def _state_problems(self, state_dict: Mapping[str, Any], prefix: str) -> List[str]:
+        """What is wrong with this memory's buffers in ``state_dict`` (see the hook above)."""
+        problems = []
+        for name, buffer in self._buffers.items():
+            value = state_dict.get(prefix + name)
+            if value is None:
+                continue
+            if not torch.is_tensor(value) or value.shape != buffer.shape:
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                problems.append(f"{prefix}{name} has shape {shape}, this memory's is {tuple(buffer.shape)}")
+        if problems:
+            return problems
         labels = state_dict.get(prefix + "label_memory")
         if labels is not None and labels.is_floating_point() and not bool((labels == labels.round()).all()):
-            errors.append(f"{prefix}label_memory holds non-integer labels; pml_ms_plus stores class ids")
+            problems.append(f"{prefix}label_memory holds non-integer labels; pml_ms_plus stores class ids")
+        position = state_dict.get(prefix + "queue_position")
+        if position is not None and not 0 <= int(position) < self.memory_size:
+            problems.append(
+                f"{prefix}queue_position is {int(position)}, outside [0, {self.memory_size}) (the memory size)"
+            )
+        iteration = state_dict.get(prefix + "iteration")
+        if iteration is not None and int(iteration) < 0:
+            problems.append(f"{prefix}iteration is {int(iteration)}, a call counter must be >= 0")
+        return problems
