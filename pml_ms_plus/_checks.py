@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -121,8 +121,20 @@ def indices_tuple(indices_tuple: object, num_anchors: int) -> None:
             raise ValueError(f"indices_tuple: lengths differ, {[len(t) for t in group]}")
     anchors = indices_tuple[:1] if len(indices_tuple) == 3 else indices_tuple[0::2]
     for t in anchors:
-        if len(t) and (int(t.min()) < 0 or int(t.max()) >= num_anchors):
-            raise ValueError(
-                f"indices_tuple: anchor indices must lie in [0, {num_anchors}), "
-                f"got values in [{int(t.min())}, {int(t.max())}]"
-            )
+        _index_range(t, num_anchors, "anchor")
+
+
+def reference_indices(indices_tuple: Tuple[torch.Tensor, ...], num_refs: int, refs: str = "") -> None:
+    """The positive and negative indices of a checked PML index tuple lie in ``[0, num_refs)``
+    (``refs``: what the references are, for the message)."""
+    pairs = len(indices_tuple) == 4
+    for name, t in zip(("positive", "negative"), indices_tuple[1::2] if pairs else indices_tuple[1:]):
+        _index_range(t, num_refs, name, refs)
+
+
+def _index_range(t: torch.Tensor, n: int, name: str, what: str = "") -> None:
+    if len(t) and (int(t.min()) < 0 or int(t.max()) >= n):
+        raise ValueError(
+            f"indices_tuple: {name} indices must lie in [0, {n}){what}, "
+            f"got values in [{int(t.min())}, {int(t.max())}]"
+        )

@@ -328,6 +328,40 @@ def test_label_length_mismatch(device):
         losses.MSLoss()(x, y[:-1])
 
 
+def _index_tuple(device, dtype=torch.long, **change):
+    t = {"a1": [0, 1, 2], "p": [1, 0, 3], "a2": [0, 2, 4], "n": [2, 4, 0]}
+    t.update(change)
+    return tuple(torch.tensor(t[k], device=device).to(dtype) for k in ("a1", "p", "a2", "n"))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: _index_tuple(d, torch.float32), "1D integer tensors"),  # was cast: 1.7 became 1
+        (lambda d: _index_tuple(d, torch.bool), "1D integer tensors"),
+        (
+            lambda d: _index_tuple(d, p=[1, 0, 5]),
+            r"positive indices must lie in \[0, 5\), got values in \[0, 5\]",
+        ),
+        (lambda d: _index_tuple(d, n=[2, -1, 0]), r"negative indices must lie in \[0, 5\)"),  # PML wraps it
+        (lambda d: _index_tuple(d, a1=[0, 1, 9]), r"anchor indices must lie in \[0, 5\)"),
+        (lambda d: _index_tuple(d)[:3][:2], "must be"),
+        (lambda d: _index_tuple(d, a2=[0, 2]), "lengths differ"),
+    ],
+)
+def test_a_bad_indices_tuple_is_refused_naming_it(device, make, message):
+    """MSLoss checks an explicit ``indices_tuple`` as the memory does: before, a float tuple was
+    cast to long (PML raises ``IndexError``), an out-of-range index raised indexing's own error
+    and a negative one wrapped around, as in PML."""
+    x = torch.randn(5, 4, device=device)
+    y = torch.tensor([0, 0, 1, 1, 2], device=device)
+    with pytest.raises(ValueError, match=message):
+        losses.MSLoss()(x, y, make(device))
+    ok = _index_tuple(device, torch.int32)  # int32 indices, as PML takes them
+    expected = pml_losses.MultiSimilarityLoss()(x, y, _index_tuple(device))
+    torch.testing.assert_close(losses.MSLoss()(x, y, ok), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_does_not_overflow(device, dtype):
     skip_if_half_unsupported(device, dtype)

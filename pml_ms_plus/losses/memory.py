@@ -275,7 +275,9 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         if len(queue_emb) > self.memory_size:
             raise ValueError(f"{len(queue_emb)} embeddings to enqueue exceed memory_size={self.memory_size}")
         if indices_tuple is not None:
-            self._check_reference_indices(indices_tuple, self._filled_length_after(len(queue_emb)))
+            _checks.reference_indices(
+                indices_tuple, self._filled_length_after(len(queue_emb)), " (the filled memory)"
+            )
 
         if enqueue_mask is None:
             anchors, anchor_labels = embeddings, labels
@@ -421,17 +423,6 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             raise ValueError(f"batch of {len(embeddings)} exceeds memory_size={self.memory_size}")
         if indices_tuple is not None:
             _checks.indices_tuple(indices_tuple, len(embeddings))
-
-    @staticmethod
-    def _check_reference_indices(indices_tuple: Tuple[torch.Tensor, ...], num_refs: int) -> None:
-        """Positives and negatives of the caller's tuple index the memory (after enqueueing)."""
-        refs = indices_tuple[1:2] + indices_tuple[2:3] if len(indices_tuple) == 3 else indices_tuple[1::2]
-        for name, t in zip(("positive", "negative"), refs):
-            if len(t) and (int(t.min()) < 0 or int(t.max()) >= num_refs):
-                raise ValueError(
-                    f"indices_tuple: {name} indices must lie in [0, {num_refs}) (the filled memory), "
-                    f"got values in [{int(t.min())}, {int(t.max())}]"
-                )
 
     def _gathers(self) -> bool:
         """Whether this call all-gathers the batch across ranks (see ``gather``)."""
