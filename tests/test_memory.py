@@ -367,6 +367,40 @@ def test_pml_state_dict_loads_with_a_clear_story(device):
     torch.testing.assert_close(ours(x, y), theirs(x, y))
 
 
+def test_float64_embeddings_are_stored_unrounded_as_pml_stores_them(device):
+    """PML's memory takes the embeddings' dtype; ours kept float32 buffers and rounded every
+    float64 row (losses off by ~3e-9, and a distance of exactly 0 became ~1e-8, whose cdist
+    gradient is a unit vector of noise). Now a float64 batch makes a float64 memory: the rows
+    stored exactly, losses and gradients equal to PML's at float64 precision, a checkpoint of it
+    loads unrounded into a new memory, and a call that fails converts nothing."""
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device)
+    theirs = pml_memory(device, torch.float32)  # PML converts its memory to float64 itself
+    for x, y, _ in steps(device, torch.float64, n_steps=4):
+        xo, xp = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        lo, lp = ours(xo, y), theirs(xp, y)
+        (go,), (gp,) = torch.autograd.grad(lo, xo), torch.autograd.grad(lp, xp)
+        torch.testing.assert_close(lo, lp, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(go, gp, rtol=1e-10, atol=1e-13)
+        slots = (torch.arange(BATCH, device=device) + ours.queue_idx - BATCH) % MEMORY
+        assert torch.equal(ours.embedding_memory[slots], x)
+    assert ours.embedding_memory.dtype == torch.float64
+
+    resumed = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device)
+    resumed.load_state_dict(ours.state_dict())
+    assert torch.equal(resumed.embedding_memory, ours.embedding_memory)
+
+    class Broken(pml_miners.BaseMiner):
+        def mine(self, *args):
+            raise RuntimeError("miner failed")
+
+    fresh = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY, miner=Broken()).to(device)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(RuntimeError, match="miner failed"):
+        fresh(x, y)
+    for key, value in fresh.state_dict().items():
+        assert value.dtype == before[key].dtype and torch.equal(before[key], value), key
+
+
 def _bad_memory_state(good, case):
     """A copy of the state dict ``good`` with one problem (see the test below)."""
     bad = {k: v.clone() for k, v in good.items()}

@@ -86,7 +86,8 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
       defaults reproduce PML (memory loss only, from the first call).
     * the memory (embeddings, labels, write position, fill state, call counter)
       lives in buffers: ``state_dict()`` restores it exactly, ``.to(device)``
-      moves it, and it stays float32 when embeddings arrive in half precision.
+      moves it, and it stays float32 when embeddings arrive in half precision
+      (PML's memory takes their dtype); float64 embeddings make it float64, as PML's.
     * ``gather="auto"`` (default): under an initialised ``torch.distributed``
       group with more than one rank, every rank all-gathers the batch (rank
       order) before enqueueing, so all ranks hold identical memories, and each
@@ -232,6 +233,11 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     ) -> None:
         n = len(embeddings)
         start = self.queue_idx
+        stored = torch.promote_types(embeddings.dtype, torch.float32)  # as PML: float64 stays float64
+        if self.embedding_memory.dtype != stored and self.embedding_memory.is_floating_point():
+            # PML's memory takes the embeddings' dtype; this one float32 or wider (half precision and
+            # autocast keep a float32 memory): a new tensor, so a graph holding the old one keeps it
+            self.register_buffer("embedding_memory", self.embedding_memory.to(stored))
         if self._use is not None and self._use.in_use():
             # an earlier call's graph may still read the buffers (two calls, one backward:
             # gradient accumulation; or a backward with retain_graph=True): it keeps them as they
@@ -392,6 +398,8 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     def _restore(self, undo: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, _HostState]) -> None:
         slots, emb, lab, host = undo
         with torch.no_grad():
+            if self.embedding_memory.dtype != emb.dtype:  # converted by add_to_memory: back, exactly
+                self.register_buffer("embedding_memory", self.embedding_memory.to(emb.dtype))
             self.embedding_memory[slots] = emb
             self.label_memory[slots] = lab
             self._set_host_state(host)
@@ -495,6 +503,10 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         buffers after any load."""
         module._host = None
         problems = module._state_problems(state_dict, prefix)
+        stored = state_dict.get(prefix + "embedding_memory")
+        if not problems and torch.is_tensor(stored) and stored.is_floating_point():
+            if stored.dtype != module.embedding_memory.dtype:  # a float64 memory loads unrounded
+                module.register_buffer("embedding_memory", module.embedding_memory.to(stored.dtype))
         if problems:
             current = module.state_dict(prefix=prefix, keep_vars=True)
             for key in [k for k in state_dict if k in current]:
