@@ -768,7 +768,9 @@ def signed_terms(
     """Mining (if ``epsilon``) and both sides' terms and losses of a signed block ``U``
     (:func:`signed_block`; ``side``: :func:`signed_sides`), as :func:`hardest`,
     :func:`kept_sides`, :func:`mine_`, :func:`side_shift`, :func:`side_terms` and
-    :func:`side_finish` compute them per side. ``inplace=True`` overwrites ``U`` (no autograd)."""
+    :func:`side_finish` compute them per side. ``inplace=True`` overwrites ``U`` (no autograd).
+    A half-precision ``U`` is mined in its own dtype (PML's miner compares in the similarities'
+    dtype: ``S + eps`` rounds there) and its terms are formed in float32."""
     if U.shape[-1]:
         h = U.detach().amax(-1)
     else:  # no references
@@ -780,6 +782,8 @@ def signed_terms(
         kept = ~((h + epsilon) <= bound)
         drop = (U + epsilon) <= bound[..., None]
         U = U.masked_fill_(drop, -_INF) if inplace else U.masked_fill(drop, -_INF)
+    if U.dtype != compute_dtype(U.dtype):  # exact: every half-precision value is a float32
+        U, h = U.to(compute_dtype(U.dtype)), h.to(compute_dtype(U.dtype))
     num = (U != -_INF).sum(-1) if counts else None
     shift = side_shift(side, h, kept, weighting)
     terms = side_terms(U, side, shift.ref, weighting, inplace=inplace)
@@ -787,11 +791,12 @@ def signed_terms(
 
 
 def _dense(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, params: "MSParams") -> SignedTerms:
-    """Both sides of a dense block with masks, stacked (differentiable in ``S`` and the thresholds)."""
-    S = S.to(compute_dtype(S.dtype))
+    """Both sides of a dense block with masks, stacked (differentiable in ``S`` and the thresholds;
+    ``S`` in half precision is mined in it, as PML mines, see :func:`signed_terms`)."""
     B = S.shape[0]
+    like = S.new_empty(0, dtype=compute_dtype(S.dtype))  # the thresholds' dtype
     side = signed_sides(
-        params.alpha, params.beta, _as_row(params.lam_pos, B, S), _as_row(params.lam_neg, B, S)
+        params.alpha, params.beta, _as_row(params.lam_pos, B, like), _as_row(params.lam_neg, B, like)
     )
     w = get_weighting(params.weighting)
     return signed_terms(signed_from_masks(S, pos, neg), side, params.epsilon, w, counts=True)

@@ -363,6 +363,28 @@ def test_a_bad_indices_tuple_is_refused_naming_it(device, make, message):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unfused_mining_in_half_precision_keeps_pmls_pairs(device, dtype):
+    """``fused=False`` mines PML's distance matrix in its own dtype, as PML's miner does: a
+    negative at ``S_n + eps`` that rounds onto the positive's ``S_p`` in half precision (but
+    lies above it in float32) is dropped by PML, and was kept here (the block was cast to
+    float32 before mining). The same triple twice, in orthogonal coordinates, so that PML's
+    single-pair rule does not apply."""
+    skip_if_half_unsupported(device, dtype)
+    half = torch.tensor([0.39990234375, 0.300048828125], dtype=dtype)  # S_p, S_n of anchor 0
+    assert not bool(half[1] + 0.1 > half[0]) and bool(half[1].float() + 0.1 > half[0].float())
+    p, n = half.tolist()
+    x = torch.tensor([[1, 0], [p, 0], [n, 0], [0, 1], [0, p], [0, n]], dtype=dtype, device=device)
+    y = torch.tensor([0, 0, 1, 2, 2, 3], device=device)
+    dist = lambda: pml_distances.DotProductSimilarity(normalize_embeddings=False)  # noqa: E731
+    pairs = pml_miners.MultiSimilarityMiner(0.1, distance=dist())(x, y)
+    want = pml_losses.MultiSimilarityLoss(base=0.3, distance=dist())(x, y, pairs)
+    ours = losses.MSLoss(base=0.3, epsilon=0.1, distance=dist(), fused=False, collect_stats=True)
+    got = ours(x, y)
+    assert (ours.num_pos_pairs, ours.num_neg_pairs) == (len(pairs[0]), len(pairs[2]))
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-2, atol=1e-3)  # PML sums in `dtype`
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_does_not_overflow(device, dtype):
     skip_if_half_unsupported(device, dtype)
     x, y = make_batch(9, n=64, device=device, dtype=torch.float32, requires_grad=False)
