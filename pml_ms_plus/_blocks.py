@@ -365,15 +365,44 @@ class MinedPairs(NamedTuple):
     n: torch.Tensor
 
 
-def mined_pairs(block: Block, epsilon: float) -> MinedPairs:
-    """The pairs the hard-pair rule keeps, as PML's ``(a1, p, a2, n)`` (``Vn`` is overwritten)."""
-    block = mine_(block, epsilon, hardest(block))
+def mined_pairs(block: Block, epsilon: float, similarity: bool = True) -> MinedPairs:
+    """The pairs the hard-pair rule keeps, as PML's ``(a1, p, a2, n)`` (``Vn`` is overwritten).
+
+    NaN similarities as PML's miner meets them (``similarity``: whether ``S`` is PML's matrix
+    itself, else its negation, a distance): see :func:`nan_poisoned_sides`."""
+    nan_pos, nan_neg = block.row_sum(block.sp.isnan()) > 0, block.Vn.isnan().any(1)
+    block = block._replace(sp=block.sp.masked_fill(block.sp.isnan(), _INF), Vn=_nan_excluded_(block.Vn))
+    hard = hardest(block)
+    if similarity:  # a NaN negative is the anchor's largest: no positive passes it
+        hard = hard._replace(max_neg=hard.max_neg.masked_fill(nan_neg, -_INF))
+    else:  # a NaN positive is the anchor's largest distance: no negative passes it
+        hard = hard._replace(min_pos=hard.min_pos.masked_fill(nan_pos, _INF))
+    block = mine_(block, epsilon, hard)
     a2, n = block.kept_neg().nonzero(as_tuple=True)
     if block.pa is None or block.pj is None:
         a1, p = block.kept_pos().nonzero(as_tuple=True)
         return MinedPairs(a1, p, a2, n)
     kept = block.kept_pos()
     return MinedPairs(block.pa[kept], block.pj[kept], a2, n)
+
+
+def nan_poisoned_sides(nan: torch.Tensor, similarity: bool) -> torch.Tensor:
+    """Which sides keep no pair at all because of NaN similarities, as PML's miner decides:
+    ``(2, B)`` bool from the ``(2, B, M)`` NaN mask of a signed block (:func:`signed_block`).
+
+    PML's miner compares every pair with each anchor's hardest one, found by sorting with NaN
+    last: a NaN pair is never kept (its comparisons are false); a NaN among the side sorted for
+    its *largest* value becomes that value, and the other side then keeps nothing. For
+    similarities that is a NaN negative (no positive kept); for distances (``S`` negated), a NaN
+    positive (no negative kept). The other side's hardest value skips NaN."""
+    poisoned = nan[1].any(-1) if similarity else nan[0].any(-1)
+    none = torch.zeros_like(poisoned)
+    return torch.stack((poisoned, none) if similarity else (none, poisoned))
+
+
+def _nan_excluded_(V: torch.Tensor) -> torch.Tensor:
+    """``V`` with its NaN entries set to ``-inf`` (excluded pairs), in place."""
+    return V.masked_fill_(V.isnan(), -_INF)
 
 
 def _as_row(lam: Threshold, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -764,18 +793,23 @@ def signed_terms(
     weighting: Weighting,
     counts: bool = False,
     inplace: bool = False,
+    keeps_none: Optional[torch.Tensor] = None,
 ) -> SignedTerms:
     """Mining (if ``epsilon``) and both sides' terms and losses of a signed block ``U``
     (:func:`signed_block`; ``side``: :func:`signed_sides`), as :func:`hardest`,
     :func:`kept_sides`, :func:`mine_`, :func:`side_shift`, :func:`side_terms` and
     :func:`side_finish` compute them per side. ``inplace=True`` overwrites ``U`` (no autograd).
     A half-precision ``U`` is mined in its own dtype (PML's miner compares in the similarities'
-    dtype: ``S + eps`` rounds there) and its terms are formed in float32."""
+    dtype: ``S + eps`` rounds there) and its terms are formed in float32. ``keeps_none``
+    ``(2, B)`` bool: sides the mining empties whatever their values (see
+    :func:`nan_poisoned_sides`)."""
     if U.shape[-1]:
         h = U.detach().amax(-1)
     else:  # no references
         h = U.new_full(U.shape[:-1], -_INF)
     bound = -h.flip(0)  # each side's bound: the other side's hardest (min_pos, -max_neg)
+    if keeps_none is not None:  # a bound no pair passes
+        bound = bound.masked_fill(keeps_none, _INF)
     if epsilon is None:
         kept = h != -_INF
     else:  # a side keeps a pair with U + eps > bound: exactly mine_'s comparisons, negated
@@ -799,7 +833,12 @@ def _dense(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, params: "MSPar
         params.alpha, params.beta, _as_row(params.lam_pos, B, like), _as_row(params.lam_neg, B, like)
     )
     w = get_weighting(params.weighting)
-    return signed_terms(signed_from_masks(S, pos, neg), side, params.epsilon, w, counts=True)
+    U, keeps_none = signed_from_masks(S, pos, neg), None
+    if params.epsilon is not None:  # NaN similarities as PML's miner meets them
+        nan = U.isnan()
+        keeps_none = nan_poisoned_sides(nan, params.similarity)
+        U = U.masked_fill(nan, -_INF)
+    return signed_terms(U, side, params.epsilon, w, counts=True, keeps_none=keeps_none)
 
 
 def signed_weight_sums(t: SignedTerms, weighting: Weighting) -> torch.Tensor:
@@ -818,6 +857,7 @@ class MSParams(NamedTuple):
     lam_neg: Threshold = 0.5
     weighting: str = "ms"
     epsilon: Optional[float] = None
+    similarity: bool = True  # S is PML's matrix itself (else a distance, negated): NaN mining
 
 
 def dense_terms(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, params: MSParams) -> MSTerms:

@@ -62,7 +62,7 @@ class MultiSimilarityMiner(BaseMiner):
         if embeddings is ref_emb or ref_labels is labels:
             self_index = torch.arange(len(embeddings), device=embeddings.device)
         block = _blocks.block_from_labels(S, labels, ref_labels.to(labels.device), self_index, inplace=True)
-        return _blocks.mined_pairs(block, self.epsilon)
+        return _blocks.mined_pairs(block, self.epsilon, similarity=self.distance.is_inverted)
 
     def get_default_distance(self) -> CosineSimilarity:
         return CosineSimilarity()

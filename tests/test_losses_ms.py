@@ -4,7 +4,16 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, make_batch, skip_if_half_unsupported, tol
+from helpers import (
+    NAN_BASES,
+    NAN_CELLS,
+    assert_close,
+    make_batch,
+    nan_batch,
+    planted_nan,
+    skip_if_half_unsupported,
+    tol,
+)
 from pytorch_metric_learning import distances as pml_distances
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
@@ -382,6 +391,26 @@ def test_unfused_mining_in_half_precision_keeps_pmls_pairs(device, dtype):
     got = ours(x, y)
     assert (ours.num_pos_pairs, ours.num_neg_pairs) == (len(pairs[0]), len(pairs[2]))
     torch.testing.assert_close(got.double(), want.double(), rtol=1e-2, atol=1e-3)  # PML sums in `dtype`
+
+
+@pytest.mark.parametrize("base", ["distance", "similarity"])
+@pytest.mark.parametrize("cells", ["a positive", "a negative", "every positive of two anchors", "mixed"])
+def test_nan_similarities_give_pmls_mined_loss(device, base, cells):
+    """``MSLoss(epsilon)`` on a matrix with NaN cells (the dense path: PML's distance) mines as
+    PML's miner does (see the miner's test) and gives PML's loss on those pairs, finite, with
+    its gradients; before, the NaN pairs were kept and the loss was NaN."""
+    x, y = nan_batch(device, 0.1)
+    dist = lambda: planted_nan(NAN_BASES[base], NAN_CELLS[cells])  # noqa: E731
+    ours = losses.MSLoss(epsilon=0.1, distance=dist(), collect_stats=True)
+    pairs = pml_miners.MultiSimilarityMiner(0.1, distance=dist())(x.detach(), y)
+    got, (g_got,) = value_and_grads(ours, (x,), x, y)
+    want, (g_want,) = value_and_grads(
+        lambda a, b: pml_losses.MultiSimilarityLoss(distance=dist())(a, b, pairs), (x,), x, y
+    )
+    assert (ours.num_pos_pairs, ours.num_neg_pairs) == (len(pairs[0]), len(pairs[2]))
+    assert torch.isfinite(got)
+    assert_close(got, want, torch.float32)
+    assert_close(g_got, g_want, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

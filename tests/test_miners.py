@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import make_batch, skip_if_half_unsupported
+from helpers import NAN_BASES, NAN_CELLS, make_batch, nan_batch, planted_nan, skip_if_half_unsupported
 from pytorch_metric_learning import distances as pml_distances
 from pytorch_metric_learning import miners as pml_miners
 
@@ -51,3 +51,18 @@ def test_no_positive_or_no_negative_pairs_gives_empty(device, labels):
     theirs = pml_miners.MultiSimilarityMiner(0.1)(x, y)
     ours = miners.MultiSimilarityMiner(0.1)(x, y)
     assert pair_sets(ours) == pair_sets(theirs) == (set(), set())
+
+
+@pytest.mark.parametrize("base", list(NAN_BASES))
+@pytest.mark.parametrize("cells", list(NAN_CELLS))
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.5])
+def test_nan_similarities_are_mined_as_pml_mines_them(device, base, cells, epsilon):
+    """PML's miner never keeps a NaN pair (its comparisons with NaN are false) and sorts NaN
+    last: a NaN on the side whose largest value it takes (negatives of a similarity, positives
+    of a distance) empties the other side, the other side's hardest skips NaN. Ours kept NaN
+    pairs (a half-precision zero row under cosine: 11 positive pairs where PML keeps 1)."""
+    x, y = nan_batch(device, epsilon)
+    dist = lambda: planted_nan(NAN_BASES[base], NAN_CELLS[cells])  # noqa: E731
+    theirs = pml_miners.MultiSimilarityMiner(epsilon, distance=dist())(x.detach(), y)
+    ours = miners.MultiSimilarityMiner(epsilon, distance=dist())(x.detach(), y)
+    assert pair_sets(ours) == pair_sets(theirs)

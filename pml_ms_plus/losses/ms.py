@@ -379,7 +379,11 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         sims = self._dense_block(problem)
         lam = self.problem_thresholds(problem, sims)
         epsilon = self.epsilon if problem.pairs is None else None  # explicit pairs are used as given
-        return sims, _blocks.MSParams(self.alpha, self.beta, lam.pos, lam.neg, self.weighting, epsilon)
+        similarity = self.distance.is_inverted
+        params = _blocks.MSParams(
+            self.alpha, self.beta, lam.pos, lam.neg, self.weighting, epsilon, similarity
+        )
+        return sims, params
 
     def _dense_terms(self, problem: MSProblem) -> F_ms.MSTerms:
         sims, params = self._dense_inputs(problem)
