@@ -149,6 +149,9 @@ LATE_FAILURES = {
     "loss_lr_inf": (STUDY + "loss_lr = inf\n" + MS_VARIANT, "'loss_lr' must be a finite number > 0"),
     "name_int": (STUDY + '[[variant]]\nname = 3\nkind = "raw"\n', "name must be a non-empty string, got 3"),
     "name_empty": (STUDY + '[[variant]]\nname = ""\nkind = "raw"\n', "name must be a non-empty string"),
+    # a '|' or a line break in a name broke summary.md's tables (a column more, a row split)
+    "name_pipe": (STUDY + '[[variant]]\nname = "raw | A"\nkind = "raw"\n', "'|' (the column separator"),
+    "name_newline": (STUDY + '[[variant]]\nname = "raw\\nA"\nkind = "raw"\n', "holds a line break"),
     "loss_mse": (
         STUDY + '[[variant]]\nname = "a"\nloss = "torch.nn.MSELoss"\n',
         "'torch.nn.MSELoss' is not a subclass of pytorch_metric_learning.losses.BaseMetricLossFunction",
@@ -207,6 +210,9 @@ LATE_FAILURES = {
         ("out_under_file", "is not a directory"),
         ("out_read_only", "is not writable"),
         ("results_without_resume", "pass --resume"),
+        ("out_empty", "--out is empty"),  # was a FileNotFoundError traceback, exit 1
+        ("out_uncreatable", "cannot create it"),  # passed the checks, failed after loading the data
+        ("out_in_use", "in use by another pml-ms-plus run"),  # the later run's rows replaced the other's
     ],
 )
 def test_bad_input_exits_2_and_touches_nothing(tmp_path, capfd, case, message):
@@ -283,10 +289,30 @@ def test_bad_input_exits_2_and_touches_nothing(tmp_path, capfd, case, message):
     elif case == "results_without_resume":
         args += ["--config", write(tmp_path, "c.toml", STUDY + '[[variant]]\nname = "raw"\nkind = "raw"\n')]
         args += ["--dataset", tiny_npz(tmp_path)]
+    elif case == "out_empty":
+        args += ["--out", ""]
+    elif case == "out_uncreatable":
+        if not os.path.isdir("/proc/self") or os.geteuid() != 0:
+            pytest.skip(
+                "needs Linux's /proc, where no directory can be made, and root, whom access() lets write"
+            )
+        args += ["--config", write(tmp_path, "c.toml", STUDY + '[[variant]]\nname = "raw"\nkind = "raw"\n')]
+        args += ["--out", "/proc/pml-ms-plus-out", "--dataset", tiny_npz(tmp_path)]
+    elif case == "out_in_use":
+        fcntl = pytest.importorskip("fcntl")
+        busy = tmp_path / "busy"
+        busy.mkdir()
+        held = os.open(busy, os.O_RDONLY)  # what a run in progress holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        args += ["--config", write(tmp_path, "c.toml", STUDY + '[[variant]]\nname = "raw"\nkind = "raw"\n')]
+        args += ["--dataset", tiny_npz(tmp_path), "--out", str(busy)]
     try:
         assert cli.main(args) == 2
     finally:
         out.chmod(0o755)
+        if case == "out_in_use":
+            os.close(held)
+            assert os.listdir(tmp_path / "busy") == []
     captured = capfd.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pml-ms-plus: error: "), err
@@ -487,6 +513,49 @@ def test_a_results_csv_of_0_2_0_still_resumes(tmp_path, capsys):
     assert again["mean_average_precision_at_r"] == row["mean_average_precision_at_r"]
     assert again["recall_at_1"] == ""
     assert "| raw | 1 | " in (out / "summary.md").read_text() and " – |" in (out / "summary.md").read_text()
+
+
+def test_a_finished_runs_checkpoint_left_by_an_interrupt_is_removed_on_resume(tmp_path, monkeypatch, capsys):
+    """An interrupt after a run's row is in results.csv but before its checkpoint is removed
+    (the plots are written in between) left the checkpoint for good: --resume found nothing to
+    run and never looked at it. Now --resume removes checkpoints of finished runs."""
+    from pml_ms_plus.ablation import report
+
+    config = write(tmp_path, "c.toml", STUDY.replace("epochs = 1", "epochs = 2") + MS_VARIANT)
+    base = ["ablate", "--config", config, "--dataset", tiny_npz(tmp_path), "--out", str(tmp_path / "out")]
+    plot = report.plot_metrics
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "plot_metrics", interrupted)
+    assert cli.main(base) == 130
+    assert len(read_rows(tmp_path / "out")) == 1 and os.listdir(tmp_path / "out" / "checkpoints")
+    monkeypatch.setattr(report, "plot_metrics", plot)
+    capsys.readouterr()
+    assert cli.main(base + ["--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "1 finished runs kept, 0 to go" in captured.out and "a finished run's checkpoint" in captured.err
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(OUTPUTS)
+
+
+def test_resume_notices_a_changed_npz(tmp_path, capsys):
+    """The runs' config hash covers the .npz file's contents, not only its path: new data under
+    the same name is a new study (the old rows are kept as other runs), where --resume had kept
+    the old numbers as current."""
+    npz = tiny_npz(tmp_path)
+    config = write(tmp_path, "c.toml", STUDY + '[[variant]]\nname = "raw"\nkind = "raw"\n')
+    base = ["ablate", "--config", config, "--dataset", npz, "--out", str(tmp_path / "out")]
+    assert cli.main(base) == 0
+    (first,) = read_rows(tmp_path / "out")
+    tiny_npz(tmp_path, scale=3.0)  # other features, the same file name
+    capsys.readouterr()
+    assert cli.main(base + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "0 finished runs kept, 1 to go" in out and "keeps 1 runs outside this study" in out
+    rows = read_rows(tmp_path / "out")
+    assert len(rows) == 2 and rows[0]["config_hash"] != rows[1]["config_hash"]
+    assert first in rows
 
 
 def test_toy_run_interrupted_after_an_epoch_resumes_with_the_same_numbers(tmp_path, monkeypatch, capsys):

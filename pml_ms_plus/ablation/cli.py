@@ -9,6 +9,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, TextIO, Union
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks (two runs into one --out are not detected)
+    fcntl = None  # type: ignore[assignment]
+
 import torch
 
 from . import checkpoint, images, report
@@ -208,6 +213,8 @@ def _prepare_here(args: argparse.Namespace, dist: Optional[ddp.Distributed]) -> 
         backbone = backbones.prepare(settings["backbone"], settings["pretrained"])
     else:
         data = data_mod.load(settings["dataset"])
+        if settings["dataset"].endswith(".npz"):  # --resume compares the file's contents, not its name
+            settings = {**settings, "dataset_sha256": data_mod.file_sha256(settings["dataset"])}
     n_classes = data.num_train_classes
     m, bs = settings["m"], settings["batch_size"]
     if bs % m:
@@ -275,6 +282,8 @@ def data_counts(data: Union[data_mod.Data, images.ImageData]) -> Dict[str, int]:
 
 def check_out(out: str) -> None:
     """``--out`` is, or can be created as, a writable directory; creates nothing."""
+    if not out:
+        raise ValueError("--out is empty: name the output directory")
     path = os.path.abspath(out)
     if os.path.lexists(path):
         if not os.path.isdir(path):
@@ -368,6 +377,44 @@ class RunFailed(RuntimeError):
     the run, and the cause is chained."""
 
 
+def claim_out(study: Study) -> Optional[int]:
+    """Create ``--out`` and lock it for this run (rank 0; the ranks agree on the outcome): a
+    second run writing to the same directory would rewrite ``results.csv`` from its own rows
+    and lose the other's. The lock (``flock`` on the directory itself, no file of its own) goes
+    with the process, also when it is killed; the returned descriptor holds it. Raises
+    ValueError."""
+    handle: Optional[int] = None
+    error: Optional[BaseException] = None
+    if study.is_main:
+        try:
+            handle = _lock_out(study.out)
+        except ValueError as exc:
+            if study.dist is None:
+                raise
+            error = exc
+    ddp.agree(error, study.dist)
+    return handle
+
+
+def _lock_out(out: str) -> Optional[int]:
+    try:
+        os.makedirs(out, exist_ok=True)
+        handle = os.open(out, os.O_RDONLY)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
+    if fcntl is None:
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(handle)
+        raise ValueError(
+            f"--out {out} is in use by another pml-ms-plus run (it holds a lock on that directory): "
+            "wait for it to finish, or choose another --out"
+        ) from None
+    return handle
+
+
 def run_study(study: Study, stream: Optional[TextIO] = None) -> List[Dict]:
     """Run every (variant, seed) that is not finished yet and write the results after each.
 
@@ -439,6 +486,14 @@ def run_study(study: Study, stream: Optional[TextIO] = None) -> List[Dict]:
         os.makedirs(study.out, exist_ok=True)
         for name in report.remove_stale_temps(study.out) + checkpoint.remove_stale_temps(study.out):
             print(f"removed {name}, left by an interrupted run", file=sys.stderr)
+        for r in study.done:  # interrupted between writing its row and removing its checkpoint
+            stale = checkpoint.path(study.out, r["variant"], r["seed"], r["config_hash"])
+            if os.path.exists(stale):
+                checkpoint.remove(study.out, stale)
+                print(
+                    f"removed {os.path.relpath(stale, study.out)}, a finished run's checkpoint",
+                    file=sys.stderr,
+                )
     if study.dist is not None:
         d = study.dist
         print(
@@ -551,10 +606,20 @@ def _main(args: argparse.Namespace, dist: Optional[ddp.Distributed]) -> int:
     main_rank = dist is None or dist.is_main
     try:
         study = prepare(args, dist)
+        lock = claim_out(study)  # held while this process runs the study
     except (ValueError, OSError) as exc:
         if main_rank:
             print(f"pml-ms-plus: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _run(study)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _run(study: Study) -> int:
+    """Run a prepared study: the exit status, each failure reported as :func:`main` says."""
     try:
         run_study(study)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit

@@ -336,6 +336,11 @@ def check_variants(variants: List[Variant]) -> None:
     for i, v in enumerate(variants):
         if not isinstance(v.name, str) or not v.name.strip():
             raise ConfigError(f"variant #{i + 1}: name must be a non-empty string, got {v.name!r}")
+        if not v.name.isprintable() or "|" in v.name:  # a row of summary.md's tables each
+            raise ConfigError(
+                f"variant #{i + 1}: name {v.name!r} holds a line break, another control character "
+                "or '|' (the column separator of summary.md's tables)"
+            )
     names = [v.name for v in variants]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -402,7 +407,9 @@ FLOOR_SETTINGS = {
 
 def variant_hash(v: Variant, settings: Dict[str, Any]) -> str:
     """A short hash of everything that determines a variant's numbers except the seed."""
-    keys = FLOOR_SETTINGS.get(v.kind, [k for k in settings if k not in NOT_HASHED])
+    keys = list(FLOOR_SETTINGS.get(v.kind, [k for k in settings if k not in NOT_HASHED]))
+    if "dataset_sha256" in settings and "dataset_sha256" not in keys:  # a user's .npz: its contents
+        keys.append("dataset_sha256")
     relevant = {k: settings.get(k) for k in sorted(keys)}
     blob = json.dumps({"variant": v.as_dict(), "settings": relevant}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]

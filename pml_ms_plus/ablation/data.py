@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -160,6 +161,15 @@ def from_npz(path: str) -> Data:
     name = os.path.basename(path)
     description = f"{name}: {x.shape[1]}-d features, {len(np.unique(y))} classes"
     return _features(name, description, x32, y, arrays.get("train_classes"))
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes (read in 1 MiB pieces)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(2**20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def load(name_or_path: str) -> Data:
