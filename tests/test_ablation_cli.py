@@ -539,6 +539,34 @@ def test_a_finished_runs_checkpoint_left_by_an_interrupt_is_removed_on_resume(tm
     assert sorted(os.listdir(tmp_path / "out")) == sorted(OUTPUTS)
 
 
+def test_an_unreadable_checkpoint_stops_resume_with_exit_2_and_its_name(tmp_path, monkeypatch, capsys):
+    """A truncated checkpoint: an error line naming the file and what to do, exit 2 (was a
+    traceback, exit 1); the file is left for the user to look at."""
+    from pml_ms_plus.ablation import checkpoint
+
+    config = write(tmp_path, "c.toml", STUDY.replace("epochs = 1", "epochs = 2") + MS_VARIANT)
+    out = tmp_path / "out"
+    base = ["ablate", "--config", config, "--dataset", tiny_npz(tmp_path), "--out", str(out)]
+    save = checkpoint.save
+
+    def save_then_die(file, state):
+        save(file, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    assert cli.main(base) == 130
+    monkeypatch.setattr(checkpoint, "save", save)
+    (name,) = checkpoint.existing(str(out))
+    ckpt = out / "checkpoints" / name
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    capsys.readouterr()
+    assert cli.main(base + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("pml-ms-plus: error:")]  # beside the progress bar
+    assert "Traceback" not in err and line.startswith("pml-ms-plus: error: cannot read checkpoint")
+    assert "delete it to restart that run" in line and ckpt.exists()
+
+
 def test_resume_notices_a_changed_npz(tmp_path, capsys):
     """The runs' config hash covers the .npz file's contents, not only its path: new data under
     the same name is a new study (the old rows are kept as other runs), where --resume had kept

@@ -84,6 +84,10 @@ def save(file: str, state: Dict[str, Any]) -> None:
     write_atomic(file, buf.getvalue())
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read (truncated, or not one of this tool's)."""
+
+
 def load(file: str) -> Optional[Dict[str, Any]]:
     """The checkpoint at ``file``, or None if there is none."""
     if not os.path.isfile(file):
@@ -91,7 +95,9 @@ def load(file: str) -> Optional[Dict[str, Any]]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RuntimeError(f"cannot read checkpoint {file} ({exc}); delete it to restart that run") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {file} ({exc}); delete it to restart that run"
+        ) from None
 
 
 def remove(out: str, file: str) -> None:

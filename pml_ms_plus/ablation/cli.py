@@ -641,6 +641,9 @@ def _run(study: Study) -> int:
         )
         sys.stderr.flush()
         return 1
+    except checkpoint.CheckpointError as exc:
+        print(f"pml-ms-plus: error: {exc}; the finished runs are in {study.out}/results.csv", file=sys.stderr)
+        return 2
     except images.ImageDecodeError as exc:
         print(
             f"pml-ms-plus: error: {exc}; every finished run is saved in {study.out}/results.csv and the "
