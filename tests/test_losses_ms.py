@@ -337,6 +337,29 @@ def test_label_length_mismatch(device):
         losses.MSLoss()(x, y[:-1])
 
 
+@pytest.mark.parametrize(
+    "kwargs, dtype",
+    [
+        (dict(reducer=pml_reducers.DivisorReducer()), torch.float32),  # was KeyError: 'divisor'
+        (dict(distance=pml_distances.LpDistance()), torch.bfloat16),  # was cdist's NotImplementedError
+        (dict(epsilon=0.1), torch.float32),
+        ({}, torch.float64),
+    ],
+)
+def test_a_batch_of_one_gives_pmls_zero_loss(device, kwargs, dtype):
+    """One anchor, its own copy the only reference: no pair. PML returns its zero loss without
+    computing a distance; ours computed the distance matrix and per-anchor losses, which a
+    reducer expecting PML's zero loss (DivisorReducer) or a distance without the dtype (cdist
+    in bfloat16 on the CPU) refused."""
+    x = torch.randn(1, 4, device=device, dtype=dtype, requires_grad=True)
+    y = torch.tensor([0], device=device)
+    pml_kwargs = {k: v for k, v in kwargs.items() if k != "epsilon"}
+    want = pml_losses.MultiSimilarityLoss(**pml_kwargs)(x, y)
+    got = losses.MSLoss(**kwargs)(x, y)
+    (grad,) = torch.autograd.grad(got, x)
+    assert float(got) == float(want) == 0.0 and torch.equal(grad, torch.zeros_like(x))
+
+
 def _index_tuple(device, dtype=torch.long, **change):
     t = {"a1": [0, 1, 2], "p": [1, 0, 3], "a2": [0, 2, 4], "n": [2, 4, 0]}
     t.update(change)

@@ -246,8 +246,8 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         return self._dense_terms(problem)
 
     def _loss_dict(self, problem: MSProblem) -> Dict[str, Any]:
-        if problem.num_anchors == 0 or problem.num_references == 0:  # no pairs: PML's zero loss
-            self._record(None)
+        if problem.num_anchors == 0 or problem.num_references == 0 or self._only_self_pair(problem):
+            self._record(None)  # no pairs: PML's zero loss (no distance computed, as PML computes none)
             return self.zero_losses()
         terms = self.terms(problem)
         self._record(terms)
@@ -261,6 +261,14 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
                 "reduction_type": "element",
             }
         }
+
+    @staticmethod
+    def _only_self_pair(problem: MSProblem) -> bool:
+        """One anchor against one reference, its own copy (a batch of one): no pair at all. The
+        one host read is made for that shape alone."""
+        if problem.num_anchors != 1 or problem.num_references != 1 or problem.self_index is None:
+            return False
+        return problem.pairs is None and int(problem.self_index[0]) == 0
 
     def _check_inputs(
         self,
