@@ -399,6 +399,16 @@ def test_float64_embeddings_are_stored_unrounded_as_pml_stores_them(device):
         fresh(x, y)
     for key, value in fresh.state_dict().items():
         assert value.dtype == before[key].dtype and torch.equal(before[key], value), key
+    # a float64 memory and a float32 call that fails: not rounded (the call wrote to a converted copy)
+    ours.miner = Broken()
+    before = copy.deepcopy(ours.state_dict())
+    with pytest.raises(RuntimeError, match="miner failed"):
+        ours(x.float(), y)
+    for key, value in ours.state_dict().items():
+        assert value.dtype == before[key].dtype and torch.equal(before[key], value), key
+    half = {**before, "embedding_memory": before["embedding_memory"].half()}
+    resumed.load_state_dict(half)  # a half-precision checkpoint: stored in float32, as a call would
+    assert resumed.embedding_memory.dtype == torch.float32
 
 
 def _bad_memory_state(good, case):
@@ -414,6 +424,10 @@ def _bad_memory_state(good, case):
         bad["queue_position"] = torch.tensor(MEMORY)
     elif case == "another embedding size":
         bad["embedding_memory"] = torch.zeros(MEMORY, DIM + 1)
+    elif case == "a fractional call counter":
+        bad["iteration"] = torch.tensor(2.5)
+    elif case == "the loss's parameters":  # refused by the loss's module, after the memory's entries
+        bad["loss.thresholds"] = torch.zeros(3)
     elif case == "position past the end":
         bad["queue_position"] = torch.tensor(MEMORY)
         bad["label_memory"] = torch.zeros_like(bad["label_memory"])
@@ -431,6 +445,8 @@ def _bad_memory_state(good, case):
         ("another embedding size", r"embedding_memory has shape \(50, 17\)"),
         ("position past the end", r"queue_position is 50, outside \[0, 50\)"),
         ("negative call counter", "iteration is -1"),
+        ("a fractional call counter", "iteration has dtype torch.float32; it is a count"),
+        ("the loss's parameters", r"loss.thresholds has shape \(3,\), this memory's is \(6,\)"),
     ],
 )
 @pytest.mark.parametrize("nested", [False, True], ids=["memory", "inside a model"])
@@ -440,7 +456,8 @@ def test_a_refused_checkpoint_changes_nothing(device, case, message, nested):
     well-formed entries before it raises, so the check comes first (before, a refused checkpoint
     had overwritten the embeddings, labels and write position). Also when the memory is a
     submodule of the module being loaded."""
-    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device)
+    loss = losses.AdaptiveMSLoss(epsilon=0.1, margin_mode="learned", num_classes=6)  # parameters of its own
+    ours = losses.CrossBatchMemory(loss, DIM, memory_size=MEMORY).to(device)
     for x, y, _ in list(steps(device, torch.float32, n_steps=3)):
         ours(x, y)
     host = (ours.queue_idx, ours.has_been_filled)

@@ -24,6 +24,17 @@ class _HostState(NamedTuple):
     iteration: int
 
 
+class _Undo(NamedTuple):
+    """What a failing call puts back: the slots it overwrites and their old contents, the host
+    state, and the embeddings buffer it started from."""
+
+    slots: torch.Tensor
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    host: _HostState
+    buffer: torch.Tensor
+
+
 class _BufferUse:
     """Whether an earlier call's graph may still read the memory's buffers, which must then not
     change in place (the fused kernel saves the references and their labels for its backward;
@@ -385,24 +396,26 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         """How many memory slots hold entries once ``n`` more are enqueued."""
         return self.memory_size if self.has_been_filled else min(self.memory_size, self.queue_idx + n)
 
-    def _snapshot(self, n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, _HostState]:
-        """What enqueueing ``n`` entries overwrites, to undo a call that fails."""
+    def _snapshot(self, n: int) -> "_Undo":
+        """What enqueueing ``n`` entries overwrites, to undo a call that fails (and the buffer
+        itself: a call in another dtype writes to a converted copy, see add_to_memory)."""
         slots = (self.queue_idx + torch.arange(n, device=self.embedding_memory.device)) % self.memory_size
-        return (
+        return _Undo(
             slots,
             self.embedding_memory[slots].clone(),
             self.label_memory[slots].clone(),
             self._host_state(),
+            self.embedding_memory,
         )
 
-    def _restore(self, undo: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, _HostState]) -> None:
-        slots, emb, lab, host = undo
+    def _restore(self, undo: "_Undo") -> None:
         with torch.no_grad():
-            if self.embedding_memory.dtype != emb.dtype:  # converted by add_to_memory: back, exactly
-                self.register_buffer("embedding_memory", self.embedding_memory.to(emb.dtype))
-            self.embedding_memory[slots] = emb
-            self.label_memory[slots] = lab
-            self._set_host_state(host)
+            if self.embedding_memory.dtype != undo.buffer.dtype:  # converted: the untouched original
+                self.register_buffer("embedding_memory", undo.buffer)
+            else:
+                self.embedding_memory[undo.slots] = undo.embeddings
+            self.label_memory[undo.slots] = undo.labels
+            self._set_host_state(undo.host)
 
     def _check_inputs(
         self,
@@ -505,8 +518,9 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         problems = module._state_problems(state_dict, prefix)
         stored = state_dict.get(prefix + "embedding_memory")
         if not problems and torch.is_tensor(stored) and stored.is_floating_point():
-            if stored.dtype != module.embedding_memory.dtype:  # a float64 memory loads unrounded
-                module.register_buffer("embedding_memory", module.embedding_memory.to(stored.dtype))
+            dtype = torch.promote_types(stored.dtype, torch.float32)  # the rule of add_to_memory
+            if dtype != module.embedding_memory.dtype:  # a float64 memory loads unrounded
+                module.register_buffer("embedding_memory", module.embedding_memory.to(dtype))
         if problems:
             current = module.state_dict(prefix=prefix, keep_vars=True)
             for key in [k for k in state_dict if k in current]:
@@ -514,17 +528,37 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             errors.extend(problems)
 
     def _state_problems(self, state_dict: Mapping[str, Any], prefix: str) -> List[str]:
-        """What is wrong with this memory's buffers in ``state_dict`` (see the hook above)."""
+        """What is wrong with this memory's entries in ``state_dict`` (see the hook above): the
+        shapes of its buffers and of its loss's (and miner's) parameters and buffers, then the
+        values of its own."""
         problems = []
-        for name, buffer in self._buffers.items():
-            value = state_dict.get(prefix + name)
+        for key, current in self.state_dict(prefix=prefix, keep_vars=True).items():
+            value = state_dict.get(key)
             if value is None:
                 continue
-            if not torch.is_tensor(value) or value.shape != buffer.shape:
+            if not torch.is_tensor(value) or value.shape != current.shape:
                 shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                problems.append(f"{prefix}{name} has shape {shape}, this memory's is {tuple(buffer.shape)}")
+                problems.append(f"{key} has shape {shape}, this memory's is {tuple(current.shape)}")
         if problems:
             return problems
+        labels = state_dict.get(prefix + "label_memory")
+        if labels is not None and labels.is_floating_point() and not bool((labels == labels.round()).all()):
+            problems.append(f"{prefix}label_memory holds non-integer labels; pml_ms_plus stores class ids")
+        for name in ("queue_position", "iteration"):
+            value = state_dict.get(prefix + name)
+            if value is not None and (value.is_floating_point() or value.is_complex()):
+                problems.append(f"{prefix}{name} has dtype {value.dtype}; it is a count (an integer tensor)")
+        if problems:
+            return problems
+        position = state_dict.get(prefix + "queue_position")
+        if position is not None and not 0 <= int(position) < self.memory_size:
+            problems.append(
+                f"{prefix}queue_position is {int(position)}, outside [0, {self.memory_size}) (the memory size)"
+            )
+        iteration = state_dict.get(prefix + "iteration")
+        if iteration is not None and int(iteration) < 0:
+            problems.append(f"{prefix}iteration is {int(iteration)}, a call counter must be >= 0")
+        return problems
         labels = state_dict.get(prefix + "label_memory")
         if labels is not None and labels.is_floating_point() and not bool((labels == labels.round()).all()):
             problems.append(f"{prefix}label_memory holds non-integer labels; pml_ms_plus stores class ids")
