@@ -1,8 +1,10 @@
 """`pml-ms-plus ablate` end to end on tiny settings, --resume, and every bad input."""
 
 import csv
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -151,7 +153,10 @@ LATE_FAILURES = {
     "name_empty": (STUDY + '[[variant]]\nname = ""\nkind = "raw"\n', "name must be a non-empty string"),
     # a '|' or a line break in a name broke summary.md's tables (a column more, a row split)
     "name_pipe": (STUDY + '[[variant]]\nname = "raw | A"\nkind = "raw"\n', "'|' (the column separator"),
-    "name_newline": (STUDY + '[[variant]]\nname = "raw\\nA"\nkind = "raw"\n', "holds a line break"),
+    "name_newline": (
+        STUDY + '[[variant]]\nname = "raw\\nA"\nkind = "raw"\n',
+        "is not printable (a line break",
+    ),
     "loss_mse": (
         STUDY + '[[variant]]\nname = "a"\nloss = "torch.nn.MSELoss"\n',
         "'torch.nn.MSELoss' is not a subclass of pytorch_metric_learning.losses.BaseMetricLossFunction",
@@ -565,6 +570,39 @@ def test_an_unreadable_checkpoint_stops_resume_with_exit_2_and_its_name(tmp_path
     (line,) = [x for x in err.splitlines() if x.startswith("pml-ms-plus: error:")]  # beside the progress bar
     assert "Traceback" not in err and line.startswith("pml-ms-plus: error: cannot read checkpoint")
     assert "delete it to restart that run" in line and ckpt.exists()
+
+
+def test_the_lock_reads_results_again_and_a_file_system_without_locks_runs_unlocked(
+    tmp_path, monkeypatch, capsys
+):
+    """claim_out re-reads results.csv under the lock (a run that finished between prepare's
+    read and the lock has its rows kept); a flock that fails for another reason than a holder
+    (NFS, some FUSE systems) is a warning, not 'in use'."""
+    fcntl = pytest.importorskip("fcntl")
+    npz = tiny_npz(tmp_path)
+    config = write(tmp_path, "c.toml", STUDY + '[[variant]]\nname = "raw"\nkind = "raw"\n')
+    out = tmp_path / "out"
+    assert cli.main(["ablate", "--config", config, "--dataset", npz, "--out", str(tmp_path / "other")]) == 0
+    args = cli.build_parser().parse_args(["ablate", "--config", config, "--dataset", npz, "--out", str(out)])
+    args.resume = True
+    study = cli.prepare(args)
+    assert study.done == []
+    out.mkdir()
+    shutil.copy(tmp_path / "other" / "results.csv", out / "results.csv")  # finished meanwhile
+    handle = cli.claim_out(study)
+    try:
+        assert len(study.done) == 1 and study.done[0]["variant"] == "raw"
+    finally:
+        os.close(handle)
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    capsys.readouterr()
+    assert cli.main(["ablate", "--config", config, "--dataset", npz, "--out", str(out), "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: cannot lock --out" in captured.err and "1 finished runs kept, 0 to go" in captured.out
 
 
 def test_resume_notices_a_changed_npz(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import platform
 import sys
@@ -378,40 +379,59 @@ class RunFailed(RuntimeError):
 
 
 def claim_out(study: Study) -> Optional[int]:
-    """Create ``--out`` and lock it for this run (rank 0; the ranks agree on the outcome): a
-    second run writing to the same directory would rewrite ``results.csv`` from its own rows
-    and lose the other's. The lock (``flock`` on the directory itself, no file of its own) goes
-    with the process, also when it is killed; the returned descriptor holds it. Raises
-    ValueError."""
+    """Create ``--out`` and lock it for this run (rank 0; the ranks agree on the outcome), then
+    read its ``results.csv`` again under the lock (another run may have finished runs since
+    :func:`prepare` read it): a second run writing to the same directory would rewrite
+    ``results.csv`` from its own rows and lose the other's. The lock (``flock`` on the directory
+    itself, no file of its own) goes with the process, also when it is killed; the returned
+    descriptor holds it. Raises ValueError."""
     handle: Optional[int] = None
     error: Optional[BaseException] = None
     if study.is_main:
         try:
             handle = _lock_out(study.out)
+            study.done = read_out(study.out, study.resume)
         except ValueError as exc:
+            if handle is not None:
+                os.close(handle)
+                handle = None
             if study.dist is None:
                 raise
             error = exc
     ddp.agree(error, study.dist)
+    study.done = ddp.broadcast(study.done, study.dist)
     return handle
 
 
 def _lock_out(out: str) -> Optional[int]:
+    """``--out`` created, and a descriptor holding its lock (``None`` where there is no
+    ``flock``: Windows; a file system that cannot lock directories runs unlocked, with a
+    warning)."""
     try:
         os.makedirs(out, exist_ok=True)
-        handle = os.open(out, os.O_RDONLY)
     except OSError as exc:
         raise ValueError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
     if fcntl is None:
-        return handle
+        return None
+    try:
+        handle = os.open(out, os.O_RDONLY)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot open it ({exc.strerror or exc})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         os.close(handle)
-        raise ValueError(
-            f"--out {out} is in use by another pml-ms-plus run (it holds a lock on that directory): "
-            "wait for it to finish, or choose another --out"
-        ) from None
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise ValueError(
+                f"--out {out} is in use by another pml-ms-plus run (it holds a lock on that directory): "
+                "wait for it to finish, or choose another --out"
+            ) from None
+        print(
+            f"pml-ms-plus: warning: cannot lock --out {out} ({exc.strerror or exc}): a second run into it "
+            "at the same time would not be noticed",
+            file=sys.stderr,
+        )
+        return None
     return handle
 
 

@@ -338,8 +338,9 @@ def check_variants(variants: List[Variant]) -> None:
             raise ConfigError(f"variant #{i + 1}: name must be a non-empty string, got {v.name!r}")
         if not v.name.isprintable() or "|" in v.name:  # a row of summary.md's tables each
             raise ConfigError(
-                f"variant #{i + 1}: name {v.name!r} holds a line break, another control character "
-                "or '|' (the column separator of summary.md's tables)"
+                f"variant #{i + 1}: name {v.name!r} holds a character that is not printable (a line "
+                "break, a tab, another control or format character) or '|' (the column separator of "
+                "summary.md's tables)"
             )
     names = [v.name for v in variants]
     dupes = sorted({n for n in names if names.count(n) > 1})
