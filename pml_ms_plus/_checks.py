@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -107,9 +107,10 @@ def label_dtype(labels: Optional[torch.Tensor], name: str = "labels") -> None:
         )
 
 
-def indices_tuple(indices_tuple: object, num_anchors: int) -> None:
+def indices_tuple(indices_tuple: object, num_anchors: int, num_refs: Optional[int] = None) -> None:
     """A PML index tuple: 3 (triplets) or 4 (pairs) 1D integer tensors of matching
-    lengths, anchor indices in ``[0, num_anchors)``."""
+    lengths, anchor indices in ``[0, num_anchors)`` and, given ``num_refs``, the positive and
+    negative ones in ``[0, num_refs)`` (one host read for all the ranges)."""
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         raise ValueError("indices_tuple must be (anchors, positives, negatives) or (a1, p, a2, n)")
     for t in indices_tuple:
@@ -120,21 +121,33 @@ def indices_tuple(indices_tuple: object, num_anchors: int) -> None:
         if len({len(t) for t in group}) > 1:
             raise ValueError(f"indices_tuple: lengths differ, {[len(t) for t in group]}")
     anchors = indices_tuple[:1] if len(indices_tuple) == 3 else indices_tuple[0::2]
-    for t in anchors:
-        _index_range(t, num_anchors, "anchor")
+    ranges = [(t, num_anchors, "anchor", "") for t in anchors]
+    if num_refs is not None:
+        ranges += _reference_ranges(tuple(indices_tuple), num_refs, "")
+    _index_ranges(ranges)
 
 
 def reference_indices(indices_tuple: Tuple[torch.Tensor, ...], num_refs: int, refs: str = "") -> None:
     """The positive and negative indices of a checked PML index tuple lie in ``[0, num_refs)``
     (``refs``: what the references are, for the message)."""
+    _index_ranges(_reference_ranges(indices_tuple, num_refs, refs))
+
+
+def _reference_ranges(indices_tuple: Tuple[torch.Tensor, ...], num_refs: int, refs: str) -> List[Tuple]:
     pairs = len(indices_tuple) == 4
-    for name, t in zip(("positive", "negative"), indices_tuple[1::2] if pairs else indices_tuple[1:]):
-        _index_range(t, num_refs, name, refs)
+    named = zip(("positive", "negative"), indices_tuple[1::2] if pairs else indices_tuple[1:])
+    return [(t, num_refs, name, refs) for name, t in named]
 
 
-def _index_range(t: torch.Tensor, n: int, name: str, what: str = "") -> None:
-    if len(t) and (int(t.min()) < 0 or int(t.max()) >= n):
-        raise ValueError(
-            f"indices_tuple: {name} indices must lie in [0, {n}){what}, "
-            f"got values in [{int(t.min())}, {int(t.max())}]"
-        )
+def _index_ranges(ranges: List[Tuple]) -> None:
+    """Each ``(t, n, name, what)``: ``t``'s values in ``[0, n)``, read in one host transfer."""
+    ranges = [r for r in ranges if len(r[0])]
+    if not ranges:
+        return
+    device = ranges[0][0].device
+    bounds = torch.stack([torch.stack(r[0].aminmax()).long().to(device) for r in ranges]).tolist()
+    for (_, n, name, what), (lo, hi) in zip(ranges, bounds):
+        if lo < 0 or hi >= n:
+            raise ValueError(
+                f"indices_tuple: {name} indices must lie in [0, {n}){what}, got values in [{lo}, {hi}]"
+            )

@@ -208,8 +208,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         if ref_emb is None:
             ref_emb, ref_labels = embeddings, labels
         if indices_tuple is not None:
-            _checks.indices_tuple(indices_tuple, len(embeddings))
-            _checks.reference_indices(indices_tuple, len(ref_emb))
+            _checks.indices_tuple(indices_tuple, len(embeddings), len(ref_emb))
             shape = (len(embeddings), len(ref_emb))
             pairs = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
             masks = _blocks.masks_from_pairs(pairs, shape, embeddings.device)
