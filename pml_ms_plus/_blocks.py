@@ -370,13 +370,15 @@ def mined_pairs(block: Block, epsilon: float, similarity: bool = True) -> MinedP
 
     NaN similarities as PML's miner meets them (``similarity``: whether ``S`` is PML's matrix
     itself, else its negation, a distance): see :func:`nan_poisoned_sides`."""
-    nan_pos, nan_neg = block.row_sum(block.sp.isnan()) > 0, block.Vn.isnan().any(1)
-    block = block._replace(sp=block.sp.masked_fill(block.sp.isnan(), _INF), Vn=_nan_excluded_(block.Vn))
-    hard = hardest(block)
-    if similarity:  # a NaN negative is the anchor's largest: no positive passes it
-        hard = hard._replace(max_neg=hard.max_neg.masked_fill(nan_neg, -_INF))
-    else:  # a NaN positive is the anchor's largest distance: no negative passes it
-        hard = hard._replace(min_pos=hard.min_pos.masked_fill(nan_pos, _INF))
+    hard = hardest(block)  # NaN where a side holds one (amax and amin propagate it)
+    nan_pos, nan_neg = hard.min_pos.isnan(), hard.max_neg.isnan()
+    if bool((nan_pos | nan_neg).any()):  # one host read (the pair lists below read it anyway)
+        block = block._replace(sp=block.sp.masked_fill(block.sp.isnan(), _INF), Vn=_nan_excluded_(block.Vn))
+        hard = hardest(block)  # of the other pairs
+        if similarity:  # a NaN negative is the anchor's largest: no positive passes it
+            hard = hard._replace(max_neg=hard.max_neg.masked_fill(nan_neg, -_INF))
+        else:  # a NaN positive is the anchor's largest distance: no negative passes it
+            hard = hard._replace(min_pos=hard.min_pos.masked_fill(nan_pos, _INF))
     block = mine_(block, epsilon, hard)
     a2, n = block.kept_neg().nonzero(as_tuple=True)
     if block.pa is None or block.pj is None:
@@ -834,7 +836,9 @@ def _dense(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, params: "MSPar
     )
     w = get_weighting(params.weighting)
     U, keeps_none = signed_from_masks(S, pos, neg), None
-    if params.epsilon is not None:  # NaN similarities as PML's miner meets them
+    # NaN similarities as PML's miner meets them; a NaN sum (one pass, one host read: this is
+    # not the sync-free fused path) says whether there is any (or +inf beside -inf)
+    if params.epsilon is not None and bool(S.detach().sum().isnan()):
         nan = U.isnan()
         keeps_none = nan_poisoned_sides(nan, params.similarity)
         U = U.masked_fill(nan, -_INF)
