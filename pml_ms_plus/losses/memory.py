@@ -559,15 +559,3 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         if iteration is not None and int(iteration) < 0:
             problems.append(f"{prefix}iteration is {int(iteration)}, a call counter must be >= 0")
         return problems
-        labels = state_dict.get(prefix + "label_memory")
-        if labels is not None and labels.is_floating_point() and not bool((labels == labels.round()).all()):
-            problems.append(f"{prefix}label_memory holds non-integer labels; pml_ms_plus stores class ids")
-        position = state_dict.get(prefix + "queue_position")
-        if position is not None and not 0 <= int(position) < self.memory_size:
-            problems.append(
-                f"{prefix}queue_position is {int(position)}, outside [0, {self.memory_size}) (the memory size)"
-            )
-        iteration = state_dict.get(prefix + "iteration")
-        if iteration is not None and int(iteration) < 0:
-            problems.append(f"{prefix}iteration is {int(iteration)}, a call counter must be >= 0")
-        return problems
