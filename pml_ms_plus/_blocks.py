@@ -375,10 +375,10 @@ def mined_pairs(block: Block, epsilon: float, similarity: bool = True) -> MinedP
     if bool((nan_pos | nan_neg).any()):  # one host read (the pair lists below read it anyway)
         block = block._replace(sp=block.sp.masked_fill(block.sp.isnan(), _INF), Vn=_nan_excluded_(block.Vn))
         hard = hardest(block)  # of the other pairs
-        if similarity:  # a NaN negative is the anchor's largest: no positive passes it
-            hard = hard._replace(max_neg=hard.max_neg.masked_fill(nan_neg, -_INF))
-        else:  # a NaN positive is the anchor's largest distance: no negative passes it
-            hard = hard._replace(min_pos=hard.min_pos.masked_fill(nan_pos, _INF))
+        keeps_none = nan_poisoned_sides(nan_pos, nan_neg, similarity)  # then bounds no pair passes
+        hard = Hardest(
+            hard.min_pos.masked_fill(keeps_none[1], _INF), hard.max_neg.masked_fill(keeps_none[0], -_INF)
+        )
     block = mine_(block, epsilon, hard)
     a2, n = block.kept_neg().nonzero(as_tuple=True)
     if block.pa is None or block.pj is None:
@@ -388,18 +388,18 @@ def mined_pairs(block: Block, epsilon: float, similarity: bool = True) -> MinedP
     return MinedPairs(block.pa[kept], block.pj[kept], a2, n)
 
 
-def nan_poisoned_sides(nan: torch.Tensor, similarity: bool) -> torch.Tensor:
+def nan_poisoned_sides(nan_pos: torch.Tensor, nan_neg: torch.Tensor, similarity: bool) -> torch.Tensor:
     """Which sides keep no pair at all because of NaN similarities, as PML's miner decides:
-    ``(2, B)`` bool from the ``(2, B, M)`` NaN mask of a signed block (:func:`signed_block`).
+    ``(2, B)`` bool (rows: positive, negative side) from whether each anchor has a NaN positive
+    and a NaN negative, ``(B,)`` each.
 
     PML's miner compares every pair with each anchor's hardest one, found by sorting with NaN
     last: a NaN pair is never kept (its comparisons are false); a NaN among the side sorted for
     its *largest* value becomes that value, and the other side then keeps nothing. For
     similarities that is a NaN negative (no positive kept); for distances (``S`` negated), a NaN
     positive (no negative kept). The other side's hardest value skips NaN."""
-    poisoned = nan[1].any(-1) if similarity else nan[0].any(-1)
-    none = torch.zeros_like(poisoned)
-    return torch.stack((poisoned, none) if similarity else (none, poisoned))
+    none = torch.zeros_like(nan_pos)
+    return torch.stack((nan_neg, none) if similarity else (none, nan_pos))
 
 
 def _nan_excluded_(V: torch.Tensor) -> torch.Tensor:
@@ -840,7 +840,8 @@ def _dense(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, params: "MSPar
     # not the sync-free fused path) says whether there is any (or +inf beside -inf)
     if params.epsilon is not None and bool(S.detach().sum().isnan()):
         nan = U.isnan()
-        keeps_none = nan_poisoned_sides(nan, params.similarity)
+        nan_pos, nan_neg = nan.any(-1).unbind(0)
+        keeps_none = nan_poisoned_sides(nan_pos, nan_neg, params.similarity)
         U = U.masked_fill(nan, -_INF)
     return signed_terms(U, side, params.epsilon, w, counts=True, keeps_none=keeps_none)
 
