@@ -50,7 +50,7 @@ entry of :data:`WEIGHTING_TABLE`. Everything is computed in float32 or wider.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -560,7 +560,7 @@ def exp_of_exponents_(z: torch.Tensor) -> torch.Tensor:
     cut. GPUs keep the plain ``exp`` (their arithmetic has no such slow path; the two extra
     passes would only cost there).
     """
-    if z.device.type != "cpu":
+    if not z.is_cpu:
         return z.exp_()
     lo, cut = _EXP_FLOORS[z.dtype]  # the compute dtypes (float32, float64)
     R = z.clamp_min_(lo).exp_()
@@ -642,7 +642,11 @@ class SideLoss(NamedTuple):
 def side_finish(acc: torch.Tensor, shift: Shift, coef: Threshold, weighting: Weighting) -> SideLoss:
     """A side's :class:`SideLoss` from its ``acc`` (summed over every block; ``(2, B)`` with a
     ``(2, 1)`` ``coef`` for stacked sides)."""
-    k = coef.abs() if isinstance(coef, torch.Tensor) else abs(coef)
+    # stacked sides' coef is (alpha, beta), positive already
+    if isinstance(coef, torch.Tensor):
+        k: Threshold = coef if coef.ndim else coef.abs()
+    else:
+        k = abs(coef)
     if not weighting.log_sum_exp:
         return SideLoss(acc / k, torch.ones_like(acc))
     s = shift.shift
@@ -735,18 +739,33 @@ def block_terms(
 # the operator calls (the exponentials themselves may differ in the last bit: vector lanes).
 
 
-def _pair_of(first: float, second: float, like: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
-    """A ``(2, 1, ...)`` tensor of ``(first, second)`` on ``like``'s device, by fills (no
-    host-to-device copy, so no synchronisation on CUDA)."""
-    t = like.new_full(shape, float(second))
-    t[0] = float(first)
+_PAIRS: Dict[Tuple[Any, ...], torch.Tensor] = {}  # the constant pairs of _pair_of, made once
+
+
+def _pair_of(first: Any, second: Any, like: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """A ``(2, 1, ...)`` tensor of ``(first, second)`` in ``like``'s dtype and device, made by
+    fills (no host-to-device copy, so no synchronisation on CUDA) once per value, dtype, device
+    and shape, then reused (two operator calls of every small step; nothing writes to it). A
+    factory call outside inference mode, so that the constant is a plain tensor that autograd
+    may save whatever mode made it; made afresh while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        t = like.new_full(shape, second)
+        t[0] = first
+        return t
+    key = (first, second, like.dtype, like.device, shape)
+    t = _PAIRS.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = torch.full(shape, second, dtype=like.dtype, device=like.device)
+            t[0] = first
+        _PAIRS[key] = t
     return t
 
 
 def signed_sides(alpha: float, beta: float, lam_pos: torch.Tensor, lam_neg: torch.Tensor) -> Side:
     """Both sides as one :class:`Side` over a signed block: ``coef`` ``(2, 1)`` =
     ``(alpha, beta)``, ``lam`` ``(2, B)`` = ``(-lam_pos, lam_neg)``."""
-    return Side(_pair_of(alpha, beta, lam_pos, (2, 1)), torch.stack((-lam_pos, lam_neg)))
+    return Side(_pair_of(float(alpha), float(beta), lam_pos, (2, 1)), torch.stack((-lam_pos, lam_neg)))
 
 
 def signed_block(
@@ -758,7 +777,7 @@ def signed_block(
     # per side, not its pair: (~eq, eq) as eq XOR (True, False), one broadcast pointwise op
     # (a stack is a concatenation, which inductor materialises: on the CPU its bool stores
     # from int64 comparisons cost 3/4 of the compiled elementwise kernel at B=128)
-    dropped = torch.logical_xor(eq, torch.arange(2, device=eq.device).view(2, 1, 1) == 0)
+    dropped = torch.logical_xor(eq, _pair_of(True, False, eq, (2, 1, 1)))
     if own is not None:
         dropped |= own
     return _signed_values(S).masked_fill_(dropped, -_INF)

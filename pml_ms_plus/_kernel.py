@@ -47,9 +47,10 @@ the loss are not supported.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, ContextManager, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -683,11 +684,6 @@ class _State(NamedTuple):
         )
 
     @staticmethod
-    def of_stacked(t: _blocks.SignedTerms) -> "_State":
-        """The state of a stacked block (already in the signed convention)."""
-        return _State(t.hard, t.loss.scale, t.shift.ref, t.shift.shift)
-
-    @staticmethod
     def unpack(packed: torch.Tensor) -> "_State":
         return _State(*packed.view(4, 2, -1).unbind(0))
 
@@ -712,7 +708,16 @@ def _stacked_block(
     return _blocks.signed_terms(U, side, cfg.epsilon, cfg.weighting, counts=cfg.counts, inplace=True)
 
 
-# losses, counts (2, B), weight sums (2, B), the _State (8, B); then the kept blocks' tensors
+def _autocast_off(device_type: str) -> ContextManager[Any]:
+    """``torch.autocast(device_type, enabled=False)`` where autocast is on, else a null context
+    (entering autocast's context costs ~7 us, twice a step)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# losses, counts (2, B), weight sums (2, B), the _State (8, B) (stacked: the weights' scales
+# (2, B)); then the kept blocks' tensors
 # (_Config.kept_outputs each)
 _FIXED_OUTPUTS = 4
 
@@ -730,7 +735,8 @@ class _FusedMS(torch.autograd.Function):
     Outputs (few: autograd's bookkeeping costs ~8 us per output): the per-anchor
     losses ``(B,)`` (differentiable) and, non-differentiable: the pair counts and
     weight sums ``(2, B)`` (rows: positive, negative side), the packed
-    :class:`_State` ``(8, B)`` (what the backward needs), and the kept blocks'
+    :class:`_State` ``(8, B)`` (what the backward needs; stacked: the weights' scales
+    ``(2, B)``, all its backward needs beside ``R``), and the kept blocks'
     tensors (:attr:`_Config.kept_outputs` per block: ``R`` of both sides when
     stacked, ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed; one-pass: the
     positives' ``(pa, pj, Rp)``, then ``(Rn, factor)`` per kept block).
@@ -770,14 +776,13 @@ class _FusedMS(torch.autograd.Function):
         # few outputs (autograd's bookkeeping costs ~8 us per output): per-anchor values stacked
         # per side, the backward's state packed in one (8, B) tensor (a new tensor: a threshold
         # input may be a side's reference level, and an input cannot be an output)
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             if cfg.stacked:
                 t = _stacked_block(problem, cfg, lam_pos, lam_neg)
                 wsums = _blocks.signed_weight_sums(t, cfg.weighting)
-                state = _State.of_stacked(t).pack()
                 counts = t.counts if no_counts is None else no_counts
-                assert counts is not None
-                return (t.loss.loss.sum(0), counts, wsums, state, t.R)
+                assert counts is not None  # the backward needs the weights' scales alone
+                return (t.loss.loss.sum(0), counts, wsums, t.loss.scale, t.R)
             buffer = _working_buffer(problem, cfg)  # shared by the passes
             side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
             kept_out: Tuple[torch.Tensor, ...]
@@ -843,19 +848,11 @@ class _FusedMS(torch.autograd.Function):
         x, y, lam_pos, lam_neg, labels, ref_labels, self_index = saved[:7]
         same = ctx.same_refs
         y = x if same else y
-        state = _State.unpack(saved[7])
-        scale_p, scale_n = state.scale
         extra = saved[8 : 8 + ctx.has_ref_scale + 2 * ctx.normalized]
         ref_scale = extra[0] if ctx.has_ref_scale else None
         x_raw, x_norm = extra[-2:] if ctx.normalized else (None, None)  # raw anchors, their norms
         cfg = ctx.cfg
         kept_saved = saved[8 + len(extra) :]
-        kept: List[Any]  # of _Kept, or of _Swept (one-pass)
-        if cfg.dense and not cfg.one_pass:  # saved, not to be overwritten
-            kept = list(_Kept.split(kept_saved, cfg.kept_outputs))  # List[Any] for mypy
-        else:
-            kept = ctx.kept
-            ctx.kept = []  # consumed: a second backward (retain_graph) recomputes the blocks
         problem = _Problem(x, y, labels, ref_labels, self_index, ref_scale, cfg.transposed)
         needs = ctx.needs_input_grad[:4]
         if needs[1] and ref_scale is not None:
@@ -863,7 +860,19 @@ class _FusedMS(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
             grads = _differentiable_grads(problem, cfg, lam_pos, lam_neg, g, needs, same, x_raw)
             return (*grads, *(None,) * 7)
-        with torch.autocast(x.device.type, enabled=False):
+        if cfg.stacked:  # one saved block, both sides in it; saved[7]: the weights' scales
+            with _autocast_off(x.device.type):
+                a = g.to(x.dtype) * saved[7]
+                return _stacked_grads(problem, kept_saved[0], a, needs, same, x_norm)
+        state = _State.unpack(saved[7])
+        scale_p, scale_n = state.scale
+        kept: List[Any]  # of _Kept, or of _Swept (one-pass)
+        if cfg.dense and not cfg.one_pass:  # saved, not to be overwritten
+            kept = list(_Kept.split(kept_saved, cfg.kept_outputs))  # List[Any] for mypy
+        else:
+            kept = ctx.kept
+            ctx.kept = []  # consumed: a second backward (retain_graph) recomputes the blocks
+        with _autocast_off(x.device.type):
             g = g.to(x.dtype)
             n_blocks = len(problem.starts(cfg.cols))
             if cfg.one_pass or len(kept) < n_blocks:  # what recomputing a block (below) needs
@@ -940,6 +949,35 @@ class _FusedMS(torch.autograd.Function):
         return dx, dy, d_lp, d_ln, None, None, None, None, None, None, None
 
 
+def _stacked_grads(
+    problem: _Problem,
+    R: torch.Tensor,
+    a: torch.Tensor,
+    needs: Tuple[bool, ...],
+    same: bool,
+    x_norm: Optional[torch.Tensor],
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """:meth:`_FusedMS.backward` of a stacked problem (:func:`_stacked_block`): ``R`` its
+    ``(2, B, M)`` pair terms, ``a`` ``(2, B)`` the upstream gradient times the weight scales
+    (``w = R * scale``). ``dL/dS = w_neg - w_pos``; in-batch one product, ``(G + G^T) x``."""
+    x, y = problem.x, problem.y
+    G = R[1] * a[1][:, None]
+    G.addcmul_(R[0], a[0][:, None], value=-1.0)
+    if problem.ref_scale is not None:  # d(S * ref_scale)/dS: the columns scaled
+        G.mul_(problem.ref_scale)
+    dx = dy = None
+    if same:
+        dx = (G + G.T) @ x if needs[0] else None
+    else:
+        dx = G @ y if needs[0] else None
+        dy = G.T @ x if needs[1] else None
+    if x_norm is not None and dx is not None:  # through the rows' normalisation
+        dx = unit_rows_backward(dx, x, x_norm)
+    d_lp = a[0] * R[0].sum(1) if needs[2] else None  # dL/dlam_pos = +sum w_pos
+    d_ln = -a[1] * R[1].sum(1) if needs[3] else None  # dL/dlam_neg = -sum w_neg
+    return dx, dy, d_lp, d_ln, None, None, None, None, None, None, None
+
+
 # Function.apply binds its arguments to forward's signature on every call (setup_context);
 # a stored signature spares inspect re-deriving it (~40 us of a small batch's step)
 _FusedMS.forward.__signature__ = inspect.signature(_FusedMS.forward)  # type: ignore[attr-defined]
@@ -992,10 +1030,11 @@ class UnitRows(NamedTuple):
     norm: torch.Tensor
 
 
-@torch.no_grad()
 def unit_rows(x: torch.Tensor) -> UnitRows:
     """``x / max(|x_i|_2, 1e-12)`` with the norms: the values of
-    ``torch.nn.functional.normalize(x, dim=1)`` (the same operations), without autograd."""
+    ``torch.nn.functional.normalize(x, dim=1)`` (the same operations), without autograd
+    (of ``x.detach()``: cheaper than a ``no_grad`` context)."""
+    x = x.detach()
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     return UnitRows(x / norm.clamp_min(NORM_EPS), norm)
 
@@ -1004,7 +1043,7 @@ def unit_rows_backward(g: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) 
     """``dL/dx`` from ``g = dL/du`` for ``u = x / max(|x|, eps)`` (in place on ``g``):
     ``(g - u (u . g)) / |x|`` where ``|x| >= eps`` (the clamp passes its input there), else
     ``g / eps``: autograd's three nodes of ``normalize`` in one expression."""
-    dot = (unit * g).sum(1, keepdim=True).mul_(norm >= NORM_EPS)
+    dot = torch.where(norm >= NORM_EPS, torch.linalg.vecdot(unit, g).unsqueeze(1), 0.0)
     return g.addcmul_(unit, dot, value=-1.0).div_(norm.clamp_min(NORM_EPS))
 
 

@@ -449,6 +449,24 @@ def test_half_precision_does_not_overflow(device, dtype):
         assert float(value.detach()) == pytest.approx(float(reference.detach()), rel=1e-2)
 
 
+@pytest.mark.parametrize("fused", [None, False])
+def test_a_first_call_under_inference_mode_leaves_later_training_steps_working(device, fused):
+    """The block code reuses small constant tensors made on first use: one made under
+    inference mode would be an inference tensor, which autograd refuses to save later."""
+    g = torch.Generator().manual_seed(83)
+    x = torch.randn(12, 6, generator=g).to(device)
+    y = (torch.arange(12) % 3).to(device)
+    loss = losses.MSLoss(alpha=2.5, beta=45.0, epsilon=0.1, fused=fused)  # constants no other test made
+    with torch.inference_mode():
+        loss(x, y)
+    xr = x.clone().requires_grad_(True)
+    xp = x.clone().requires_grad_(True)
+    loss(xr, y).backward()
+    pml = pml_losses.MultiSimilarityLoss(alpha=2.5, beta=45.0)
+    pml(xp, y, pml_miners.MultiSimilarityMiner(0.1)(xp, y)).backward()
+    torch.testing.assert_close(xr.grad, xp.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_autocast_runs_the_reductions_in_float32(device):
     x, y = make_batch(10, n=64, device=device, dtype=torch.float32)
     reference = losses.MSLoss(beta=100, epsilon=0.1)(x, y)
