@@ -749,9 +749,9 @@ def _pair_of(first: Any, second: Any, like: torch.Tensor, shape: Tuple[int, ...]
     factory call outside inference mode, so that the constant is a plain tensor that autograd
     may save whatever mode made it; made afresh while ``torch.compile`` traces."""
     if torch.compiler.is_compiling():
-        t = like.new_full(shape, second)
-        t[0] = first
-        return t
+        fresh = like.new_full(shape, second)
+        fresh[0] = first
+        return fresh
     key = (first, second, like.dtype, like.device, shape)
     t = _PAIRS.get(key)
     if t is None:
