@@ -769,10 +769,10 @@ def signed_sides(alpha: float, beta: float, lam_pos: torch.Tensor, lam_neg: torc
 
 
 def signed_block(
-    S: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor, self_index: torch.Tensor
+    S: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor, self_index: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """The signed ``(2, B, M)`` block of ``S`` for label-defined pairs (see :func:`pair_masks`;
-    ``self_index`` outside ``[0, M)``: no own copy). A new tensor; no autograd."""
+    ``self_index`` outside ``[0, M)`` or ``None``: no own copy). A new tensor; no autograd."""
     eq, own = _same_label_and_own(labels, ref_labels, self_index, S.shape[1])
     # per side, not its pair: (~eq, eq) as eq XOR (True, False), one broadcast pointwise op
     # (a stack is a concatenation, which inductor materialises: on the CPU its bool stores
@@ -786,6 +786,11 @@ def signed_block(
 def signed_from_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """The signed ``(2, B, M)`` block of ``S`` for explicit masks (differentiable in ``S``)."""
     return torch.where(torch.stack((pos, neg)), _signed_values(S), -_INF)
+
+
+def signed_pair(like: torch.Tensor) -> torch.Tensor:
+    """The signs ``(-1, 1)`` of the stacked sides, ``(2, 1)`` in ``like``'s dtype and device."""
+    return _pair_of(-1.0, 1.0, like, (2, 1))
 
 
 def _signed_values(S: torch.Tensor) -> torch.Tensor:

@@ -642,6 +642,26 @@ def test_anchors_normalised_in_the_kernel_equal_autograds_normalisation(
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+def test_own_copies_on_the_diagonal_equal_the_self_index(device, weighting, epsilon):
+    """``own_diagonal``: in-batch, the own copies dropped as the diagonal give the losses, counts,
+    weight sums and gradients of the comparison with ``self_index = arange(B)``."""
+    x, y = make_batch(66, n=14, dim=6, classes=3, device=device, dtype=torch.float64)
+    g = torch.Generator().manual_seed(67)
+    lam = (0.5 + 0.1 * torch.randn(2, 14, generator=g, dtype=torch.float64)).to(device).requires_grad_(True)
+    upstream = torch.rand(14, generator=g, dtype=torch.float64).to(device)
+    own = torch.arange(14, device=device)
+    kw = dict(alpha=2.0, beta=50.0, weighting=weighting, epsilon=epsilon)
+    results = []
+    for diagonal in (False, True):
+        xn = torch.nn.functional.normalize(x, dim=1)
+        out = _kernel.ms_terms_fused(xn, xn, y, y, own, lam[0], lam[1], own_diagonal=diagonal, **kw)
+        results.append((*out, *torch.autograd.grad((out.losses * upstream).sum(), (x, lam))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_loss_graph_holds_no_normalisation_node():
     """``MSLoss`` on the fused path normalises the anchors inside its one autograd node: the
     graph from the loss to the embeddings holds no ``normalize`` nodes (three with autograd's)."""

@@ -341,8 +341,8 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         if self_index is None:
             self_index = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
         sims = FusedSimilarities(
-            x_sim.detach(),
-            y_sim.detach(),
+            x_sim,
+            y_sim,
             labels,
             ref_labels,
             self_index,
@@ -368,6 +368,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             ref_norm_p=ref_norm_p,
             anchor_units=units,
             compile_blocks=self.compile_blocks,
+            own_diagonal=problem.in_batch and problem.self_index is not None,  # see MSProblem
         )
 
     def _dense_block(self, problem: MSProblem) -> DenseSimilarities:
@@ -499,10 +500,10 @@ class FusedSimilarities(NamedTuple):
         return self.x.device
 
     def row_sums(self) -> _blocks.RowSums:
-        """As :meth:`DenseSimilarities.row_sums`, block by block."""
+        """As :meth:`DenseSimilarities.row_sums`, block by block (no gradient)."""
         return _kernel.centre_sums(
-            self.x,
-            self.y,
+            self.x.detach(),
+            self.y.detach(),
             self.labels,
             self.ref_labels,
             self.self_index,

@@ -26,7 +26,8 @@ class MSProblem:
         references: ``(M, D)`` embeddings the anchors are compared with.
         ref_labels: ``(M,)`` class ids of the references (``None`` only with ``pairs``).
         self_index: ``(B,)`` long: the column of each anchor's own copy among the
-            references, excluded from both sides (``-1``: none); ``None``: no copies.
+            references, excluded from both sides (``-1``: none); ``None``: no copies. In-batch
+            (``references is anchors``) anchor ``i``'s copy is row ``i``: ``arange(B)`` or ``None``.
         pairs: explicit :class:`~pml_ms_plus.functional.PairMasks` ``(B, M)``
             instead of label-defined pairs (mining does not run on explicit pairs).
         references_checked: the references were validated already (a memory of
