@@ -642,11 +642,7 @@ class SideLoss(NamedTuple):
 def side_finish(acc: torch.Tensor, shift: Shift, coef: Threshold, weighting: Weighting) -> SideLoss:
     """A side's :class:`SideLoss` from its ``acc`` (summed over every block; ``(2, B)`` with a
     ``(2, 1)`` ``coef`` for stacked sides)."""
-    # stacked sides' coef is (alpha, beta), positive already
-    if isinstance(coef, torch.Tensor):
-        k: Threshold = coef if coef.ndim else coef.abs()
-    else:
-        k = abs(coef)
+    k = coef.abs() if isinstance(coef, torch.Tensor) else abs(coef)
     if not weighting.log_sum_exp:
         return SideLoss(acc / k, torch.ones_like(acc))
     s = shift.shift
@@ -740,25 +736,32 @@ def block_terms(
 
 
 _PAIRS: Dict[Tuple[Any, ...], torch.Tensor] = {}  # the constant pairs of _pair_of, made once
+_PAIRS_MAX = 64  # entries (one per value pair, dtype and shape): a sweep of alpha/beta adds one each
 
 
 def _pair_of(first: Any, second: Any, like: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
     """A ``(2, 1, ...)`` tensor of ``(first, second)`` in ``like``'s dtype and device, made by
-    fills (no host-to-device copy, so no synchronisation on CUDA) once per value, dtype, device
-    and shape, then reused (two operator calls of every small step; nothing writes to it). A
-    factory call outside inference mode, so that the constant is a plain tensor that autograd
-    may save whatever mode made it; made afresh while ``torch.compile`` traces."""
-    if torch.compiler.is_compiling():
+    fills (no host-to-device copy, so no synchronisation on CUDA). On the CPU made once per
+    value, dtype and shape, then reused (two operator calls of every small step; nothing writes
+    to it): by a factory call outside inference mode, so that the constant is a plain tensor that
+    autograd may save whatever mode made it; a tracer's tensors (``like`` or the new one not a
+    plain ``torch.Tensor``: fake tensors, proxies) and ``torch.compile``'s tracing take a fresh
+    one. Not cached on GPUs (a fill there is one asynchronous launch; a cached one could be read
+    on another stream or be captured into a CUDA graph unfilled)."""
+    if torch.compiler.is_compiling() or not like.is_cpu or type(like) is not torch.Tensor:
         fresh = like.new_full(shape, second)
         fresh[0] = first
         return fresh
-    key = (first, second, like.dtype, like.device, shape)
+    key = (first, second, like.dtype, shape)
     t = _PAIRS.get(key)
     if t is None:
         with torch.inference_mode(False):
-            t = torch.full(shape, second, dtype=like.dtype, device=like.device)
+            t = torch.full(shape, second, dtype=like.dtype)
             t[0] = first
-        _PAIRS[key] = t
+        if type(t) is torch.Tensor:  # not made under a tracing mode
+            if len(_PAIRS) >= _PAIRS_MAX:
+                _PAIRS.clear()
+            _PAIRS[key] = t
     return t
 
 

@@ -704,9 +704,9 @@ def _stacked_block(
     the small-batch path, the same pairs and exponents as the per-side passes in half the
     operator calls."""
     S = problem.scale_columns_(problem.product(problem.y), 0)
-    if cfg.own_diagonal:  # each anchor's own copy is its column, same label: a positive
+    if cfg.own_diagonal:  # each anchor's own copy is its column: dropped from both sides
         U = _blocks.signed_block(S, problem.labels, problem.ref_labels, None)
-        U[0].diagonal().fill_(-float("inf"))
+        U.diagonal(dim1=1, dim2=2).fill_(-float("inf"))
     else:
         U = _blocks.signed_block(S, problem.labels, problem.ref_labels, problem.self_index)
     side = _blocks.signed_sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
@@ -716,9 +716,11 @@ def _stacked_block(
 def _autocast_off(device_type: str) -> ContextManager[Any]:
     """``torch.autocast(device_type, enabled=False)`` where autocast is on, else a null context
     (entering autocast's context costs ~7 us, twice a step)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no per-device query
+        on = True
+    return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
 
 
 # losses, counts (2, B), weight sums (2, B), the _State (8, B) (stacked: the weights' scales
@@ -1101,8 +1103,9 @@ def ms_terms_fused(
     the references too when ``y is x``), and the backward maps the gradient through the
     normalisation in closed form (:func:`unit_rows_backward`) instead of autograd's nodes.
     ``own_diagonal``: the caller vouches that ``y is x`` and ``self_index`` is ``arange(B)``
-    (each anchor's own copy is its own column): the small-batch path then drops the diagonal
-    instead of comparing every column with ``self_index``.
+    (each anchor's own copy is its own column, whatever the reference labels): the small-batch
+    path then drops the diagonal from both sides instead of comparing every column with
+    ``self_index``.
     """
     w = _blocks.get_weighting(weighting)
     dtype = _blocks.compute_dtype(x.dtype)

@@ -662,6 +662,25 @@ def test_own_copies_on_the_diagonal_equal_the_self_index(device, weighting, epsi
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_fake_tensor_trace_leaves_the_eager_block_math_working():
+    """Tracing the dense block math with fake tensors (``make_fx``) must not leave a fake tensor
+    among the block code's reused constants: an eager call after the trace still computes."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, y = make_batch(71, n=6, dim=3, classes=2)
+    S = x @ x.T
+    pos, neg = F_ms.pair_masks(y)
+    kw = dict(alpha=3.5, beta=7.5)  # constants no other test made
+
+    def fn(S, pos, neg):
+        return F_ms.ms_terms(S, pos, neg, **kw).losses
+
+    make_fx(fn, tracing_mode="fake")(S, pos, neg)
+    got = fn(S, pos, neg)
+    want = F_ms.ms_terms(S.double(), pos, neg, **kw).losses
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
 def test_loss_graph_holds_no_normalisation_node():
     """``MSLoss`` on the fused path normalises the anchors inside its one autograd node: the
     graph from the loss to the embeddings holds no ``normalize`` nodes (three with autograd's)."""

@@ -467,6 +467,45 @@ def test_a_first_call_under_inference_mode_leaves_later_training_steps_working(d
     torch.testing.assert_close(xr.grad, xp.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_the_batch_as_its_own_references_with_other_labels_drops_the_own_copy_as_pml(device):
+    """``ref_emb=embeddings`` with other ``ref_labels`` and ``epsilon``: PML's miner drops each
+    anchor's own copy from both sides, also where its reference label makes it a negative (the
+    small-batch path once kept it there, dropping the diagonal from the positives alone)."""
+    g = torch.Generator().manual_seed(89)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64).to(device)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3], device=device)
+    y_ref = torch.tensor([1, 0, 1, 2, 2, 3, 3, 0], device=device)
+    for fused in (None, False):
+        ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        got = losses.MSLoss(epsilon=0.1, fused=fused)(ours, y, ref_emb=ours, ref_labels=y_ref)
+        pairs = pml_miners.MultiSimilarityMiner(0.1)(theirs, y, theirs, y_ref)
+        want = pml_losses.MultiSimilarityLoss()(theirs, y, pairs, theirs, y_ref)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+@pytest.mark.parametrize("own", ["none", "permuted"])
+def test_an_in_batch_problem_keeps_its_own_self_index(device, own, epsilon):
+    """An ``MSProblem`` whose references are its anchors, built by hand with a ``self_index``
+    other than ``arange(B)`` (``-1``: no copies, or a permutation), is computed with those
+    copies on the fused path as on the dense one (the diagonal shortcut is ``make_problem``'s)."""
+    from pml_ms_plus.losses.problem import MSProblem
+
+    g = torch.Generator().manual_seed(97)
+    x = torch.randn(10, 5, generator=g, dtype=torch.float64).to(device)
+    y = (torch.arange(10) % 3).to(device)
+    index = torch.full((10,), -1) if own == "none" else torch.arange(10).view(5, 2).flip(1).reshape(-1)
+    index = index.to(device)
+    values = [
+        losses.MSLoss(epsilon=epsilon, fused=fused).forward_problem(MSProblem(x, y, x, y, index))
+        for fused in (None, False)
+    ]
+    torch.testing.assert_close(values[0], values[1], rtol=1e-9, atol=1e-12)
+
+
 def test_autocast_runs_the_reductions_in_float32(device):
     x, y = make_batch(10, n=64, device=device, dtype=torch.float32)
     reference = losses.MSLoss(beta=100, epsilon=0.1)(x, y)

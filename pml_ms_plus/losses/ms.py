@@ -223,7 +223,15 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             ref_labels = labels
         same = ref_labels is labels or (self.epsilon is not None and ref_emb is embeddings)
         self_index = torch.arange(len(embeddings), device=embeddings.device) if same else None
-        return MSProblem(embeddings, labels, ref_emb, ref_labels, self_index, references_checked=True)
+        return MSProblem(
+            embeddings,
+            labels,
+            ref_emb,
+            ref_labels,
+            self_index,
+            references_checked=True,
+            own_diagonal=same and ref_emb is embeddings,
+        )
 
     def forward_problem(self, problem: MSProblem) -> torch.Tensor:
         """The reduced loss of a prepared :class:`MSProblem`, as ``forward`` reduces it.
@@ -368,7 +376,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             ref_norm_p=ref_norm_p,
             anchor_units=units,
             compile_blocks=self.compile_blocks,
-            own_diagonal=problem.in_batch and problem.self_index is not None,  # see MSProblem
+            own_diagonal=problem.own_diagonal and problem.in_batch,
         )
 
     def _dense_block(self, problem: MSProblem) -> DenseSimilarities:

@@ -26,12 +26,14 @@ class MSProblem:
         references: ``(M, D)`` embeddings the anchors are compared with.
         ref_labels: ``(M,)`` class ids of the references (``None`` only with ``pairs``).
         self_index: ``(B,)`` long: the column of each anchor's own copy among the
-            references, excluded from both sides (``-1``: none); ``None``: no copies. In-batch
-            (``references is anchors``) anchor ``i``'s copy is row ``i``: ``arange(B)`` or ``None``.
+            references, excluded from both sides (``-1``: none); ``None``: no copies.
         pairs: explicit :class:`~pml_ms_plus.functional.PairMasks` ``(B, M)``
             instead of label-defined pairs (mining does not run on explicit pairs).
         references_checked: the references were validated already (a memory of
             checked batches), so the loss does not check them again.
+        own_diagonal: ``references is anchors`` and ``self_index`` is ``arange(B)`` (each
+            anchor's own copy is its own row; ``MSLoss.make_problem`` sets it): the small-batch
+            path then drops the diagonal instead of comparing every column with ``self_index``.
     """
 
     anchors: torch.Tensor
@@ -41,6 +43,7 @@ class MSProblem:
     self_index: Optional[torch.Tensor] = None
     pairs: Optional[PairMasks] = None
     references_checked: bool = False
+    own_diagonal: bool = False
 
     @classmethod
     def against_gathered(
