@@ -21,9 +21,15 @@ def layout(request, monkeypatch):
     listed blocks of other references are stored reference-major unless told otherwise
     (``_kernel.REFERENCE_MAJOR``, see ``_Problem.product``). "sparse gradients": every
     gradient block of the backward goes through its sparse copy (``_kernel._weights_operand``,
-    on a CPU with MKL; elsewhere the case repeats "listed"), whatever its size and density."""
+    on a CPU with MKL; elsewhere the case repeats "listed"), whatever its size and density.
+    "listed" and "listed, anchor-major" run their eager passes over tiles of a few hundred
+    bytes (``_kernel.TILE_BYTES``: one to a few references or anchors per tile, the last tile
+    narrower), "listed, sparse gradients" over whole blocks (these blocks are smaller than the
+    default tile)."""
     monkeypatch.setattr(_kernel, "DENSE_ELEMENTS", 2**62 if request.param == "dense" else 0)
     monkeypatch.setattr(_kernel, "REFERENCE_MAJOR", request.param != "listed, anchor-major")
+    if request.param in ("listed", "listed, anchor-major"):
+        monkeypatch.setattr(_kernel, "TILE_BYTES", 400)
     if request.param == "listed, sparse gradients":
         monkeypatch.setattr(_kernel, "SPARSE_MIN_ELEMENTS", 0)
         monkeypatch.setattr(_kernel, "_sparse_density_limit", lambda dim: 1.0)
@@ -846,3 +852,35 @@ def test_a_misleading_row_sample_costs_no_list_of_nonzeros(monkeypatch):
     # truly sparse (2%): listed once, and the copy equals the block
     W = _kernel._weights_operand(G, 512)
     assert listed == [G.numel()] and torch.equal(W.to_dense(), G)
+
+
+@pytest.mark.parametrize("case", ["memory-like, reference-major", "in-batch, anchor-major"])
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+@pytest.mark.parametrize("weighting", ["ms", "relative"])
+def test_tiled_eager_passes_equal_whole_block_passes(monkeypatch, case, epsilon, weighting):
+    """Blocks larger than ``_kernel.TILE_BYTES`` (2 MB) run their eager elementwise passes tile by
+    tile: column tiles of a reference-major block (64 anchors x 20,000 references, the last tile
+    narrower), row tiles of an anchor-major one (1,100 anchors in-batch: three tiles of 476 rows,
+    the last narrower). Losses, gradients, the per-anchor thresholds' gradients and the pair
+    counts equal those of the passes over whole blocks (``TILE_BYTES`` beyond any block)."""
+    if case.startswith("memory"):
+        x, y = make_batch(41, n=64, dim=16, classes=10)
+        ref, ref_y = make_batch(42, n=20000, dim=16, classes=10, requires_grad=False)
+        args = (None, ref, ref_y)
+    else:
+        x, y = make_batch(43, n=1100, dim=16, classes=60)
+        args = ()
+
+    def run(tile_bytes):
+        monkeypatch.setattr(_kernel, "TILE_BYTES", tile_bytes)
+        loss = losses.MSLoss(epsilon=epsilon, weighting=weighting, collect_stats=True)
+        value = loss(x, y, *args)
+        (grad,) = torch.autograd.grad(value, x)
+        return value, grad, loss.num_pos_pairs, loss.num_neg_pairs
+
+    whole = run(2**62)
+    tiled = run(2**21)
+    assert tiled[2:] == whole[2:]  # the same pairs
+    assert whole[3] > 0 and (epsilon is None or whole[3] < (len(x) * (20000 if args else len(x))))
+    torch.testing.assert_close(tiled[0], whole[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(tiled[1], whole[1], rtol=1e-5, atol=1e-6 * float(whole[1].abs().max()))
