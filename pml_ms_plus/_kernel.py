@@ -164,18 +164,33 @@ TILE_BYTES = 2**21  # eager elementwise passes over a large CPU block run tile b
 # passes): M=65,536 and 262,144 6-12% faster, M=16,384 1-11%; in-batch B=1,024-4,096 unchanged
 
 
-def _tiles(block: torch.Tensor) -> Optional[Tuple[int, int]]:
-    """``(dim, size)``: the tiles of an eager pass over a ``(B, M)`` CPU block, slices of
-    ``size`` along ``dim``, the storage's outer dimension (rows of an anchor-major block,
-    columns of a reference-major one: each tile one contiguous stretch); ``None`` where the
-    pass runs over the whole block (one tile would hold it; a GPU, where each tile would be
-    more kernel launches; under ``torch.compile``, which fuses the passes anyway)."""
-    if not block.is_cpu or torch.compiler.is_compiling() or block.dim() != 2:
+class _Tile(NamedTuple):
+    """One tile of a ``(B, M)`` block: the view, and the slices of its anchors and references
+    (the per-anchor and per-reference vectors that go with it)."""
+
+    view: torch.Tensor
+    anchors: slice
+    refs: slice
+
+
+def _tiles(block: torch.Tensor) -> Optional[List[_Tile]]:
+    """The tiles of an eager pass over a ``(B, M)`` CPU block: slices along the storage's outer
+    dimension (rows of an anchor-major block, columns of a reference-major one: each tile one
+    contiguous stretch of about :data:`TILE_BYTES`); ``None`` where the pass runs over the
+    whole block (one tile would hold it; a GPU, where each tile would be more kernel launches;
+    under ``torch.compile``, which fuses the passes anyway)."""
+    if not block.is_cpu or torch.compiler.is_compiling():
         return None
     dim = 1 if _reference_major(block) else 0
     line = block.element_size() * max(1, block.shape[1 - dim])  # bytes of one slice
     size = max(1, TILE_BYTES // line)
-    return (dim, size) if block.shape[dim] > size else None
+    if block.shape[dim] <= size:
+        return None
+    every = slice(None)
+    parts = [slice(i, i + size) for i in range(0, block.shape[dim], size)]
+    if dim == 1:
+        return [_Tile(block[:, part], every, part) for part in parts]
+    return [_Tile(block[part], part, every) for part in parts]
 
 
 def _tiled_negative_terms(
@@ -190,31 +205,22 @@ def _tiled_negative_terms(
 ) -> Tuple[_blocks.PairTerms, Optional[torch.Tensor]]:
     """:func:`_blocks.negative_terms` of a large block, eagerly, tile by tile (:func:`_tiles`):
     every element's value is the same, bit for bit (the passes are elementwise, with each
-    anchor's own ``ref`` and ``min_pos``); column tiles add up each anchor's sum tile by tile.
-    In place (``R`` in ``Vn``'s storage), for the log-sum-exp weightings; otherwise the whole
-    block at once."""
+    anchor's own ``ref`` and ``min_pos``); each anchor's sum and count are added up over its
+    tiles. In place (``R`` in ``Vn``'s storage), for the log-sum-exp weightings; otherwise
+    the whole block at once."""
     tiles = _tiles(Vn) if inplace and weighting.log_sum_exp else None
     if tiles is None:
         return _blocks.negative_terms(Vn, side, ref, min_pos, epsilon, weighting, counts, inplace)
-    dim, size = tiles
-    accs, nums = [], []
-    for i in range(0, Vn.shape[dim], size):
-        if dim == 1:  # reference-major: all anchors, some references
-            t, n = _blocks.negative_terms(
-                Vn[:, i : i + size], side, ref, min_pos, epsilon, weighting, counts, True
-            )
-        else:  # some anchors (their per-anchor values with them), all references
-            rows = slice(i, i + size)
-            side_rows = _blocks.Side(side.coef, side.lam[rows] if side.lam.dim() else side.lam)
-            t, n = _blocks.negative_terms(
-                Vn[rows], side_rows, ref[rows], min_pos[rows], epsilon, weighting, counts, True
-            )
-        accs.append(t.acc)
-        if n is not None:
-            nums.append(n)
-    if dim == 1:  # each anchor's sums over the column tiles
-        return _blocks.PairTerms(Vn, torch.stack(accs).sum(0)), torch.stack(nums).sum(0) if nums else None
-    return _blocks.PairTerms(Vn, torch.cat(accs)), torch.cat(nums) if nums else None
+    acc = Vn.new_zeros(Vn.shape[0])
+    num = torch.zeros(Vn.shape[0], dtype=torch.long, device=Vn.device) if counts else None
+    for tile in tiles:
+        a = tile.anchors
+        side_a = _blocks.Side(side.coef, side.lam[a])
+        t, n = _blocks.negative_terms(tile.view, side_a, ref[a], min_pos[a], epsilon, weighting, counts, True)
+        acc[a] += t.acc
+        if num is not None and n is not None:
+            num[a] += n
+    return _blocks.PairTerms(Vn, acc), num
 
 
 def _gradient_block(
@@ -226,20 +232,13 @@ def _gradient_block(
     :func:`_tiles`). ``anchor_dim=1``: ``R`` is reference-major ``(M, B)``
     (``R * rows[None, :] (* cols[:, None])``)."""
     r = rows[:, None] if anchor_dim == 0 else rows[None, :]
-    if cols is None:
-        return R.mul_(r) if in_place else R * r
-    if anchor_dim == 1:
-        return (R.mul_(r) if in_place else R * r).mul_(cols[:, None])
-    tiles = _tiles(R) if in_place else None
+    tiles = _tiles(R) if in_place and cols is not None and anchor_dim == 0 else None
     if tiles is None:
-        return (R.mul_(r) if in_place else R * r).mul_(cols)
-    dim, size = tiles
-    for i in range(0, R.shape[dim], size):
-        part = slice(i, i + size)
-        if dim == 1:
-            R[:, part].mul_(r).mul_(cols[part])
-        else:
-            R[part].mul_(r[part]).mul_(cols)
+        G = R.mul_(r) if in_place else R * r
+        return G if cols is None else G.mul_(cols if anchor_dim == 0 else cols[:, None])
+    assert cols is not None  # (tiles only with a column factor)
+    for tile in tiles:
+        tile.view.mul_(r[tile.anchors]).mul_(cols[tile.refs])
     return R
 
 
