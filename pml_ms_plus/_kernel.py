@@ -799,10 +799,91 @@ def _autocast_off(device_type: str) -> ContextManager[Any]:
     return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
 
 
-# losses, counts (2, B), weight sums (2, B), the _State (8, B) (stacked: the weights' scales
-# (2, B)); then the kept blocks' tensors
-# (_Config.kept_outputs each)
-_FIXED_OUTPUTS = 4
+def _fused_forward(
+    x: torch.Tensor,
+    y: Optional[torch.Tensor],
+    lam_pos: torch.Tensor,
+    lam_neg: torch.Tensor,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor,
+    self_index: torch.Tensor,
+    cfg: _Config,
+    ref_scale: Optional[torch.Tensor],
+    x_unit: Optional[torch.Tensor],
+    x_norm: Optional[torch.Tensor],
+) -> Tuple[Tuple[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, ...]]:
+    """The forward of :class:`_FusedMS` (its inputs): ``(outputs, kept)``, the three outputs
+    (per-anchor losses, pair counts ``(2, B)``, weight sums ``(2, B)``) and what the backward
+    keeps: the packed :class:`_State` ``(8, B)`` (stacked: the weights' scales ``(2, B)``)
+    and the kept blocks' tensors (see :func:`_remember`)."""
+    if x_unit is not None:  # x is raw, x_unit its normalised rows (see unit_rows)
+        x = x_unit
+    refs = x if y is None else y
+    problem = _Problem(x, refs, labels, ref_labels, self_index, ref_scale, cfg.transposed)
+    no_counts = torch.zeros((2, x.shape[0]), dtype=torch.long, device=x.device) if not cfg.counts else None
+    # few outputs (autograd's bookkeeping costs ~8 us per output): per-anchor values stacked
+    # per side, the backward's state packed in one (8, B) tensor (a new tensor: a threshold
+    # input may be a side's reference level, and an input cannot be an output)
+    with _autocast_off(x.device.type):
+        if cfg.stacked:
+            t = _stacked_block(problem, cfg, lam_pos, lam_neg)
+            wsums = _blocks.signed_weight_sums(t, cfg.weighting)
+            counts = t.counts if no_counts is None else no_counts
+            assert counts is not None  # the backward needs the weights' scales alone
+            return (t.loss.loss.sum(0), counts, wsums), (t.loss.scale, t.R)
+        buffer = _working_buffer(problem, cfg)  # shared by the passes
+        side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
+        kept_out: Tuple[torch.Tensor, ...]
+        if cfg.one_pass:
+            hard, shifts, sums, swept, positives = _one_pass(problem, cfg, side_pair, buffer)
+            kept_out = (*positives.tensors()[:3], *(t for k in swept for t in k))  # pa, pj, Rp
+        else:
+            hard, blocks = _hardest_pass(problem, cfg, buffer)
+            shifts = _blocks.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
+            sums, kept = _accumulate(problem, cfg, side_pair, shifts, hard, blocks, buffer)
+            kept_out = tuple(t for k in kept for t in k.tensors())
+        side_losses, wsums_ = _finish(cfg, side_pair, shifts, sums)
+    losses = side_losses.pos.loss + side_losses.neg.loss
+    counts = torch.stack(sums.counts) if sums.counts is not None else no_counts
+    state = _State.of_sides(hard, side_losses, shifts).pack()
+    return (losses, counts, torch.stack(wsums_)), (state, *kept_out)
+
+
+def _remember(
+    ctx: Any, inputs: Tuple[Any, ...], outputs: Tuple[torch.Tensor, ...], kept: Tuple[torch.Tensor, ...]
+) -> None:
+    """The bookkeeping of :class:`_FusedMS` between its forward and backward: ``inputs`` as
+    the Function got them, ``outputs`` and ``kept`` as :func:`_fused_forward` returned them.
+    Saves the inputs, the packed state and the small kept blocks with ``save_for_backward``;
+    holds the large kept blocks on ``ctx`` (see the class doc)."""
+    x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg, ref_scale, x_unit, x_norm = inputs
+    ctx.cfg = cfg
+    ctx.same_refs = y is None  # the anchors are the references (in-batch)
+    ctx.has_ref_scale = ref_scale is not None
+    # the backward works on the unit rows, then maps dx to the raw rows (saved only when dx
+    # is wanted: the caller may change anchors that need no gradient before the backward)
+    ctx.normalized = x_unit is not None and ctx.needs_input_grad[0]
+    extra = (ref_scale,) if ref_scale is not None else ()
+    if ctx.normalized:
+        extra += (x, x_norm)
+    if x_unit is not None:
+        x = x_unit
+    flat = kept[1:]
+    # dense kept blocks (small) are saved, and left intact by the backward; listed ones
+    # (large) are held on ctx and become the gradient blocks in place (see the class doc);
+    # one-pass: the positives' (pa, pj, Rp) are saved, the kept blocks held on ctx
+    saved_kept = flat[:3] if cfg.one_pass else flat if cfg.dense else ()
+    if cfg.one_pass:
+        flat = flat[3:]
+    ctx.save_for_backward(
+        x, y, lam_pos, lam_neg, labels, ref_labels, self_index, kept[0], *extra, *saved_kept
+    )
+    if cfg.one_pass:
+        ctx.kept = [_Swept(*flat[i : i + 2]) for i in range(0, len(flat), 2)]
+    else:
+        ctx.kept = [] if cfg.dense else _Kept.split(flat, cfg.kept_outputs)
+    ctx.mark_non_differentiable(*outputs[1:])
+    ctx.set_materialize_grads(False)  # no zero gradients the size of the kept blocks
 
 
 class _FusedMS(torch.autograd.Function):
@@ -817,111 +898,34 @@ class _FusedMS(torch.autograd.Function):
 
     Outputs (few: autograd's bookkeeping costs ~8 us per output): the per-anchor
     losses ``(B,)`` (differentiable) and, non-differentiable: the pair counts and
-    weight sums ``(2, B)`` (rows: positive, negative side), the packed
-    :class:`_State` ``(8, B)`` (what the backward needs; stacked: the weights' scales
-    ``(2, B)``, all its backward needs beside ``R``), and the kept blocks'
-    tensors (:attr:`_Config.kept_outputs` per block: ``R`` of both sides when
-    stacked, ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed; one-pass: the
-    positives' ``(pa, pj, Rp)``, then ``(Rn, factor)`` per kept block).
+    weight sums ``(2, B)`` (rows: positive, negative side). What the backward needs
+    (:func:`_fused_forward`'s ``kept``) is saved by the forward itself: the packed
+    :class:`_State` ``(8, B)`` (stacked: the weights' scales ``(2, B)``, all its
+    backward needs beside ``R``) and the kept blocks' tensors
+    (:attr:`_Config.kept_outputs` per block: ``R`` of both sides when stacked,
+    ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed; one-pass: the positives'
+    ``(pa, pj, Rp)``, then ``(Rn, factor)`` per kept block).
 
-    Bookkeeping, owned here: ``setup_context`` saves the inputs, the hardest
-    pairs, the scales and the shifts with ``save_for_backward``. Kept blocks in
-    the listed layout (large) are held on ``ctx.kept`` (not saved: the backward
-    builds each gradient block in ``Rn``'s storage, which autograd's version
-    check would refuse) and are consumed by the first backward; a second
-    backward (``retain_graph``) recomputes them. Kept blocks in the dense layout
-    (small) are saved and left intact (the gradient block is a new tensor), so
-    that nothing but saved tensors crosses from forward to backward there:
-    what ``torch.compile`` needs to trace the small-batch path as one graph.
+    Bookkeeping (:func:`_remember`): the inputs, the state and the small kept blocks
+    are saved with ``save_for_backward``. Kept blocks in the listed layout (large) are
+    held on ``ctx.kept`` (not saved: the backward builds each gradient block in
+    ``Rn``'s storage, which autograd's version check would refuse) and are consumed by
+    the first backward; a second backward (``retain_graph``) recomputes them. Kept
+    blocks in the dense layout (small) are saved and left intact (the gradient block is
+    a new tensor), so that nothing but saved tensors crosses from forward to backward
+    there: what ``torch.compile`` needs to trace the small-batch path as one graph.
+
+    The forward takes ``ctx`` (measured: ~25 us a call less than ``setup_context``, whose
+    ``apply`` binds the arguments to the signature and calls back into Python once more);
+    :class:`_FusedMSTransformable` is the same node for ``torch.func`` transforms, which
+    accept ``setup_context`` alone (see :func:`_apply_fused`).
     """
 
     @staticmethod
-    def forward(
-        x: torch.Tensor,
-        y: Optional[torch.Tensor],
-        lam_pos: torch.Tensor,
-        lam_neg: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor,
-        self_index: torch.Tensor,
-        cfg: _Config,
-        ref_scale: Optional[torch.Tensor],
-        x_unit: Optional[torch.Tensor],
-        x_norm: Optional[torch.Tensor],
-    ) -> Tuple[torch.Tensor, ...]:
-        if x_unit is not None:  # x is raw, x_unit its normalised rows (see unit_rows)
-            x = x_unit
-        refs = x if y is None else y
-        problem = _Problem(x, refs, labels, ref_labels, self_index, ref_scale, cfg.transposed)
-        no_counts = (
-            torch.zeros((2, x.shape[0]), dtype=torch.long, device=x.device) if not cfg.counts else None
-        )
-        # few outputs (autograd's bookkeeping costs ~8 us per output): per-anchor values stacked
-        # per side, the backward's state packed in one (8, B) tensor (a new tensor: a threshold
-        # input may be a side's reference level, and an input cannot be an output)
-        with _autocast_off(x.device.type):
-            if cfg.stacked:
-                t = _stacked_block(problem, cfg, lam_pos, lam_neg)
-                wsums = _blocks.signed_weight_sums(t, cfg.weighting)
-                counts = t.counts if no_counts is None else no_counts
-                assert counts is not None  # the backward needs the weights' scales alone
-                return (t.loss.loss.sum(0), counts, wsums, t.loss.scale, t.R)
-            buffer = _working_buffer(problem, cfg)  # shared by the passes
-            side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
-            kept_out: Tuple[torch.Tensor, ...]
-            if cfg.one_pass:
-                hard, shifts, sums, swept, positives = _one_pass(problem, cfg, side_pair, buffer)
-                kept_out = (*positives.tensors()[:3], *(t for k in swept for t in k))  # pa, pj, Rp
-            else:
-                hard, blocks = _hardest_pass(problem, cfg, buffer)
-                shifts = _blocks.side_shifts(side_pair, hard, cfg.epsilon, cfg.weighting)
-                sums, kept = _accumulate(problem, cfg, side_pair, shifts, hard, blocks, buffer)
-                kept_out = tuple(t for k in kept for t in k.tensors())
-            side_losses, wsums_ = _finish(cfg, side_pair, shifts, sums)
-        losses = side_losses.pos.loss + side_losses.neg.loss
-        counts = torch.stack(sums.counts) if sums.counts is not None else no_counts
-        state = _State.of_sides(hard, side_losses, shifts).pack()
-        return (losses, counts, torch.stack(wsums_), state, *kept_out)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
-        x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg, ref_scale, x_unit, x_norm = inputs
-        ctx.cfg = cfg
-        ctx.same_refs = y is None  # the anchors are the references (in-batch)
-        ctx.has_ref_scale = ref_scale is not None
-        # the backward works on the unit rows, then maps dx to the raw rows (saved only when dx
-        # is wanted: the caller may change anchors that need no gradient before the backward)
-        ctx.normalized = x_unit is not None and ctx.needs_input_grad[0]
-        extra = (ref_scale,) if ref_scale is not None else ()
-        if ctx.normalized:
-            extra += (x, x_norm)
-        if x_unit is not None:
-            x = x_unit
-        flat = output[_FIXED_OUTPUTS:]
-        # dense kept blocks (small) are saved, and left intact by the backward; listed ones
-        # (large) are held on ctx and become the gradient blocks in place (see the class doc);
-        # one-pass: the positives' (pa, pj, Rp) are saved, the kept blocks held on ctx
-        saved_kept = flat[:3] if cfg.one_pass else flat if cfg.dense else ()
-        if cfg.one_pass:
-            flat = flat[3:]
-        ctx.save_for_backward(
-            x,
-            y,
-            lam_pos,
-            lam_neg,
-            labels,
-            ref_labels,
-            self_index,
-            output[3],
-            *extra,
-            *saved_kept,
-        )
-        if cfg.one_pass:
-            ctx.kept = [_Swept(*flat[i : i + 2]) for i in range(0, len(flat), 2)]
-        else:
-            ctx.kept = [] if cfg.dense else _Kept.split(flat, cfg.kept_outputs)
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)  # no zero gradients the size of the kept blocks
+    def forward(ctx: Any, *inputs: Any) -> Tuple[torch.Tensor, ...]:
+        outputs, kept = _fused_forward(*inputs)
+        _remember(ctx, inputs, outputs, kept)
+        return outputs
 
     @staticmethod
     def backward(ctx: Any, g: Optional[torch.Tensor], *_: Any) -> Tuple[Optional[torch.Tensor], ...]:
@@ -1062,9 +1066,36 @@ def _stacked_grads(
     return dx, dy, d_lp if needs[2] else None, d_ln if needs[3] else None, *(None,) * 7
 
 
+class _FusedMSTransformable(_FusedMS):
+    """:class:`_FusedMS` with ``setup_context``, for ``torch.func`` transforms (``grad``): the
+    forward returns what the backward keeps as extra (non-differentiable) outputs."""
+
+    @staticmethod
+    def forward(*inputs: Any) -> Tuple[torch.Tensor, ...]:  # type: ignore[override]
+        outputs, kept = _fused_forward(*inputs)
+        return (*outputs, *kept)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
+        _remember(ctx, inputs, output[:3], output[3:])
+        ctx.mark_non_differentiable(*output[1:])
+
+
 # Function.apply binds its arguments to forward's signature on every call (setup_context);
-# a stored signature spares inspect re-deriving it (~40 us of a small batch's step)
-_FusedMS.forward.__signature__ = inspect.signature(_FusedMS.forward)  # type: ignore[attr-defined]
+# a stored signature spares inspect re-deriving it
+_FusedMSTransformable.forward.__signature__ = inspect.signature(_FusedMSTransformable.forward)  # type: ignore[attr-defined]
+
+
+def _apply_fused(*inputs: Any) -> Tuple[torch.Tensor, ...]:
+    """:class:`_FusedMS` of ``inputs``: its three outputs. Under a ``torch.func`` transform,
+    whose ``apply`` refuses a forward that takes ``ctx`` (before running anything),
+    :class:`_FusedMSTransformable` instead."""
+    try:
+        return _FusedMS.apply(*inputs)  # type: ignore[no-any-return]
+    except RuntimeError as error:
+        if "setup_context" not in str(error):
+            raise
+    return _FusedMSTransformable.apply(*inputs)[:3]  # type: ignore[no-any-return]
 
 
 def _differentiable_grads(
@@ -1221,10 +1252,9 @@ def ms_terms_fused(
         x, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index
     )
     x_unit, x_norm = (None, None) if anchor_units is None else anchor_units
-    out: Tuple[torch.Tensor, ...] = _FusedMS.apply(
+    losses, num, wsums = _apply_fused(
         x, refs, lp, ln, labels, ref_labels, self_index, cfg, ref_scale, x_unit, x_norm
-    )
-    losses, num, wsums = out[:3]  # num: (2, B) pair counts, wsums: (2, B) weight sums
+    )  # num: (2, B) pair counts, wsums: (2, B) weight sums
     return _blocks.MSTerms(losses, *num.unbind(0), *wsums.unbind(0))
 
 
