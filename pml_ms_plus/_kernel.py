@@ -43,7 +43,7 @@ fixes the block width instead.
 Higher-order gradients: a backward run with ``create_graph=True`` (grad mode on
 inside the backward) differentiates a dense, differentiable recomputation of the
 same loss instead, so second derivatives are exact (``gradgradcheck`` passes);
-``torch.func.grad`` works through ``setup_context`` (tested); ``vmap`` and ``jacrev`` of
+``torch.func.grad`` works through the Function's ``setup_context`` form (tested); ``vmap`` and ``jacrev`` of
 the loss are not supported.
 """
 
@@ -845,6 +845,7 @@ def _fused_forward(
         side_losses, wsums_ = _finish(cfg, side_pair, shifts, sums)
     losses = side_losses.pos.loss + side_losses.neg.loss
     counts = torch.stack(sums.counts) if sums.counts is not None else no_counts
+    assert counts is not None  # counted, or the zeros
     state = _State.of_sides(hard, side_losses, shifts).pack()
     return (losses, counts, torch.stack(wsums_)), (state, *kept_out)
 
@@ -1071,7 +1072,7 @@ class _FusedMSTransformable(_FusedMS):
     forward returns what the backward keeps as extra (non-differentiable) outputs."""
 
     @staticmethod
-    def forward(*inputs: Any) -> Tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(*inputs: Any) -> Tuple[torch.Tensor, ...]:
         outputs, kept = _fused_forward(*inputs)
         return (*outputs, *kept)
 
@@ -1091,11 +1092,11 @@ def _apply_fused(*inputs: Any) -> Tuple[torch.Tensor, ...]:
     whose ``apply`` refuses a forward that takes ``ctx`` (before running anything),
     :class:`_FusedMSTransformable` instead."""
     try:
-        return _FusedMS.apply(*inputs)  # type: ignore[no-any-return]
+        return _FusedMS.apply(*inputs)
     except RuntimeError as error:
         if "setup_context" not in str(error):
             raise
-    return _FusedMSTransformable.apply(*inputs)[:3]  # type: ignore[no-any-return]
+    return _FusedMSTransformable.apply(*inputs)[:3]
 
 
 def _differentiable_grads(
