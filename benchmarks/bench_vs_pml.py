@@ -25,7 +25,11 @@ Cases (dimension 512, float32, 4 samples per class in each batch):
     is the first step's, from an empty inductor cache.
 
 Time: the median of repeated steps after a warm-up (the small cases: ten more untimed
-steps), the implementations interleaved step by step. Peak memory: on CUDA
+steps), the implementations interleaved step by step, in a new (seeded) order each round:
+a step's time depends on what ran just before it (the allocator's and the caches' state;
+measured, in-batch B=32: the same code, run twice per round in a fixed order beside PML and
+the floor, 13% slower in one slot than in the other), so a fixed order favours one
+implementation. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` above the allocation before the step; on the CPU each (case, implementation) runs
 in its own subprocess and reports its peak resident set above the resident set
 before the step (Linux ``VmHWM`` after resetting it via ``/proc/self/clear_refs``,
@@ -38,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -185,8 +190,12 @@ def time_case(case, device, impls):
         for run in steps.values():
             run()
     times = {impl: [] for impl in impls}
+    order = list(steps)
+    shuffle = random.Random(0).shuffle  # a fixed seed: the same orders every run
     for _ in range(case["reps"]):
-        for impl, run in steps.items():  # interleaved
+        shuffle(order)  # interleaved, in a new order each round (see the module doc)
+        for impl in order:
+            run = steps[impl]
             t0 = time.perf_counter()
             run()
             sync(device)
