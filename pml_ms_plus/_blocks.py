@@ -767,8 +767,12 @@ def _pair_of(first: Any, second: Any, like: torch.Tensor, shape: Tuple[int, ...]
 
 def signed_sides(alpha: float, beta: float, lam_pos: torch.Tensor, lam_neg: torch.Tensor) -> Side:
     """Both sides as one :class:`Side` over a signed block: ``coef`` ``(2, 1)`` =
-    ``(alpha, beta)``, ``lam`` ``(2, B)`` = ``(-lam_pos, lam_neg)``."""
-    return Side(_pair_of(float(alpha), float(beta), lam_pos, (2, 1)), torch.stack((-lam_pos, lam_neg)))
+    ``(alpha, beta)``, ``lam`` ``(2, B)`` = ``(-lam_pos, lam_neg)`` (one threshold tensor for
+    both sides: one product with the signs, exact)."""
+    coef = _pair_of(float(alpha), float(beta), lam_pos, (2, 1))
+    if lam_pos is lam_neg:
+        return Side(coef, lam_pos * signed_pair(lam_pos))
+    return Side(coef, torch.stack((-lam_pos, lam_neg)))
 
 
 def signed_block(

@@ -811,26 +811,26 @@ def _fused_forward(
     ref_scale: Optional[torch.Tensor],
     x_unit: Optional[torch.Tensor],
     x_norm: Optional[torch.Tensor],
-) -> Tuple[Tuple[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, ...]]:
-    """The forward of :class:`_FusedMS` (its inputs): ``(outputs, kept)``, the three outputs
-    (per-anchor losses, pair counts ``(2, B)``, weight sums ``(2, B)``) and what the backward
-    keeps: the packed :class:`_State` ``(8, B)`` (stacked: the weights' scales ``(2, B)``)
-    and the kept blocks' tensors (see :func:`_remember`)."""
+) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
+    """The forward of :class:`_FusedMS` (its inputs): ``(outputs, kept)``, the outputs (the
+    per-anchor losses; with ``cfg.counts`` also the pair counts ``(2, B)`` and the weight sums
+    ``(2, B)``) and what the backward keeps: the packed :class:`_State` ``(8, B)`` (stacked:
+    the weights' scales ``(2, B)``) and the kept blocks' tensors (see :func:`_remember`)."""
     if x_unit is not None:  # x is raw, x_unit its normalised rows (see unit_rows)
         x = x_unit
     refs = x if y is None else y
     problem = _Problem(x, refs, labels, ref_labels, self_index, ref_scale, cfg.transposed)
-    no_counts = torch.zeros((2, x.shape[0]), dtype=torch.long, device=x.device) if not cfg.counts else None
     # few outputs (autograd's bookkeeping costs ~8 us per output): per-anchor values stacked
     # per side, the backward's state packed in one (8, B) tensor (a new tensor: a threshold
     # input may be a side's reference level, and an input cannot be an output)
     with _autocast_off(x.device.type):
         if cfg.stacked:
             t = _stacked_block(problem, cfg, lam_pos, lam_neg)
+            kept_stacked = (t.loss.scale, t.R)  # the backward needs the weights' scales alone
+            if t.counts is None:
+                return (t.loss.loss.sum(0),), kept_stacked
             wsums = _blocks.signed_weight_sums(t, cfg.weighting)
-            counts = t.counts if no_counts is None else no_counts
-            assert counts is not None  # the backward needs the weights' scales alone
-            return (t.loss.loss.sum(0), counts, wsums), (t.loss.scale, t.R)
+            return (t.loss.loss.sum(0), t.counts, wsums), kept_stacked
         buffer = _working_buffer(problem, cfg)  # shared by the passes
         side_pair = _blocks.sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
         kept_out: Tuple[torch.Tensor, ...]
@@ -844,10 +844,10 @@ def _fused_forward(
             kept_out = tuple(t for k in kept for t in k.tensors())
         side_losses, wsums_ = _finish(cfg, side_pair, shifts, sums)
     losses = side_losses.pos.loss + side_losses.neg.loss
-    counts = torch.stack(sums.counts) if sums.counts is not None else no_counts
-    assert counts is not None  # counted, or the zeros
     state = _State.of_sides(hard, side_losses, shifts).pack()
-    return (losses, counts, torch.stack(wsums_)), (state, *kept_out)
+    if sums.counts is None:
+        return (losses,), (state, *kept_out)
+    return (losses, torch.stack(sums.counts), torch.stack(wsums_)), (state, *kept_out)
 
 
 def _remember(
@@ -898,8 +898,8 @@ class _FusedMS(torch.autograd.Function):
     back through the normalisation).
 
     Outputs (few: autograd's bookkeeping costs ~8 us per output): the per-anchor
-    losses ``(B,)`` (differentiable) and, non-differentiable: the pair counts and
-    weight sums ``(2, B)`` (rows: positive, negative side). What the backward needs
+    losses ``(B,)`` (differentiable) and, with ``cfg.counts`` (the stats), non-differentiable:
+    the pair counts and weight sums ``(2, B)`` (rows: positive, negative side). What the backward needs
     (:func:`_fused_forward`'s ``kept``) is saved by the forward itself: the packed
     :class:`_State` ``(8, B)`` (stacked: the weights' scales ``(2, B)``, all its
     backward needs beside ``R``) and the kept blocks' tensors
@@ -1078,7 +1078,8 @@ class _FusedMSTransformable(_FusedMS):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
-        _remember(ctx, inputs, output[:3], output[3:])
+        n = _num_outputs(inputs[7])
+        _remember(ctx, inputs, output[:n], output[n:])
         ctx.mark_non_differentiable(*output[1:])
 
 
@@ -1087,8 +1088,14 @@ class _FusedMSTransformable(_FusedMS):
 _FusedMSTransformable.forward.__signature__ = inspect.signature(_FusedMSTransformable.forward)  # type: ignore[attr-defined]
 
 
+def _num_outputs(cfg: _Config) -> int:
+    """How many outputs :class:`_FusedMS` has: the losses, and the counts and weight sums
+    where the stats are wanted."""
+    return 3 if cfg.counts else 1
+
+
 def _apply_fused(*inputs: Any) -> Tuple[torch.Tensor, ...]:
-    """:class:`_FusedMS` of ``inputs``: its three outputs. Under a ``torch.func`` transform,
+    """:class:`_FusedMS` of ``inputs``: its outputs. Under a ``torch.func`` transform,
     whose ``apply`` refuses a forward that takes ``ctx`` (before running anything),
     :class:`_FusedMSTransformable` instead."""
     try:
@@ -1096,7 +1103,7 @@ def _apply_fused(*inputs: Any) -> Tuple[torch.Tensor, ...]:
     except RuntimeError as error:
         if "setup_context" not in str(error):
             raise
-    return _FusedMSTransformable.apply(*inputs)[:3]
+    return _FusedMSTransformable.apply(*inputs)[: _num_outputs(inputs[7])]
 
 
 def _differentiable_grads(
@@ -1199,7 +1206,8 @@ def ms_terms_fused(
     formed at once); ``self_index``: ``(B,)`` column of each
     anchor's own copy in ``y`` (``-1``: none); ``lam_pos``/``lam_neg``: ``(B,)``
     thresholds (may require grad). The sums run in float32 or wider.
-    ``counts=False`` skips counting pairs (``num_pos``/``num_neg`` are then 0).
+    ``counts=False`` skips counting pairs and summing weights (``num_pos``, ``num_neg``,
+    ``pos_weight_sum`` and ``neg_weight_sum`` are then zeros).
     ``chunk_size`` / ``memory_budget``: see :func:`plan_blocks`.
     ``ref_norm_p``: if set, ``y`` is raw and is p-normalised implicitly: the
     similarity block's columns are scaled by ``1 / |y_j|`` (no ``(M, D)``
@@ -1253,16 +1261,21 @@ def ms_terms_fused(
         x, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index
     )
     x_unit, x_norm = (None, None) if anchor_units is None else anchor_units
-    losses, num, wsums = _apply_fused(
-        x, refs, lp, ln, labels, ref_labels, self_index, cfg, ref_scale, x_unit, x_norm
-    )  # num: (2, B) pair counts, wsums: (2, B) weight sums
+    out = _apply_fused(x, refs, lp, ln, labels, ref_labels, self_index, cfg, ref_scale, x_unit, x_norm)
+    if not counts:
+        none, zero = torch.zeros(B, dtype=torch.long, device=x.device), out[0].detach().new_zeros(B)
+        return _blocks.MSTerms(out[0], none, none, zero, zero)
+    losses, num, wsums = out  # num: (2, B) pair counts, wsums: (2, B) weight sums
     return _blocks.MSTerms(losses, *num.unbind(0), *wsums.unbind(0))
 
 
 def _distinct(*tensors: torch.Tensor) -> List[torch.Tensor]:
     """The tensors, a repeated one (in-batch ``y is x``, ``ref_labels is labels``, one
-    threshold tensor for both sides) as a view: each input of the autograd Function its
-    own tensor, which ``torch.compile`` requires (gradients reach the original through the view)."""
+    threshold tensor for both sides) as a view under ``torch.compile``, which requires each input
+    of the autograd Function to be its own tensor (gradients reach the original through the
+    view); eagerly the tensors as they are (a view costs an operator call and an autograd node)."""
+    if not torch.compiler.is_compiling():  # eager autograd takes one tensor twice
+        return list(tensors)
     seen: List[torch.Tensor] = []
     for t in tensors:
         seen.append(t.view_as(t) if any(t is s for s in seen) else t)

@@ -272,11 +272,13 @@ def test_one_pass_forward_with_empty_and_mined_away_sides(device, classes, budge
 @pytest.mark.parametrize("epsilon", [None, 0.1, 0.125])
 @pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
 @pytest.mark.parametrize("seed", range(3))
-def test_stacked_sides_compute_the_per_side_numbers_exactly(device, epsilon, weighting, seed):
+@pytest.mark.parametrize("one_threshold", [False, True])
+def test_stacked_sides_compute_the_per_side_numbers_exactly(device, epsilon, weighting, seed, one_threshold):
     """``signed_terms`` (both sides as one (2, B, M) tensor, the small-batch path and the dense
     functional path) against the per-side functions the large blocks use: the hardest pairs,
     mining, counts and shifts bit for bit, the exponentials to the last bit, on similarities that are multiples of 1/16, so that with epsilon = 1/8 the mining comparisons
-    meet exact ties; an anchor without positives, own copies inside and outside the block."""
+    meet exact ties; an anchor without positives, own copies inside and outside the block;
+    ``one_threshold``: one tensor for both sides' thresholds (signed by a product, not stacked)."""
     g = torch.Generator().manual_seed(40 + seed)
     B, M = 9, 13
     S = (torch.randint(-16, 17, (B, M), generator=g).float() / 16).to(device)
@@ -286,6 +288,8 @@ def test_stacked_sides_compute_the_per_side_numbers_exactly(device, epsilon, wei
     self_index = torch.randint(-1, M, (B,), generator=g).to(device)
     lam_pos = (0.5 + torch.randint(-4, 5, (B,), generator=g) / 16).to(device)
     lam_neg = (0.5 + torch.randint(-4, 5, (B,), generator=g) / 16).to(device)
+    if one_threshold:
+        lam_neg = lam_pos
     w = _blocks.get_weighting(weighting)
     alpha, beta = 2.0, 50.0
 
