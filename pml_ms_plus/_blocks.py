@@ -646,11 +646,12 @@ def side_finish(acc: torch.Tensor, shift: Shift, coef: Threshold, weighting: Wei
     if not weighting.log_sum_exp:
         return SideLoss(acc / k, torch.ones_like(acc))
     s = shift.shift
-    if weighting.add_one:
-        lse = s + torch.log(torch.exp(-s) + acc)  # acc >= 1 whenever s > 0
-    else:
-        nonempty = acc > 0  # the hardest pair alone contributes exp(0) = 1
-        lse = torch.where(nonempty, s + torch.log(torch.where(nonempty, acc, 1.0)), 0.0)
+    if weighting.add_one:  # acc >= 1 whenever s > 0
+        total = torch.exp(-s) + acc  # exp(-s) (1 + sum exp(z))
+        lse = s + torch.log(total)
+        return SideLoss(lse / k, total.detach().reciprocal())  # exp(s - lse) = 1 / total
+    nonempty = acc > 0  # the hardest pair alone contributes exp(0) = 1
+    lse = torch.where(nonempty, s + torch.log(torch.where(nonempty, acc, 1.0)), 0.0)
     return SideLoss(lse / k, torch.exp(s - lse.detach()))
 
 
