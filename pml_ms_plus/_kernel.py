@@ -152,7 +152,7 @@ class _Config(NamedTuple):
 
     @property
     def kept_outputs(self) -> int:
-        """Output tensors per kept block: ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed,
+        """Tensors kept per block (:func:`_fused_forward`'s ``kept``): ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed,
         ``(Rn, factor)`` one-pass (see :class:`_Swept`), ``R`` (both sides) stacked."""
         return 1 if self.stacked else 2 if self.dense or self.one_pass else 4
 
@@ -509,7 +509,7 @@ class _Kept(NamedTuple):
 
     @staticmethod
     def split(flat: Tuple[torch.Tensor, ...], per_block: int) -> List["_Kept"]:
-        """The kept blocks of the Function's flat outputs (``per_block`` tensors each:
+        """The kept blocks of :func:`_fused_forward`'s flat ``kept`` tensors (``per_block`` each:
         ``R`` stacked, ``(Rp, Rn)`` dense, ``(pa, pj, Rp, Rn)`` listed)."""
         parts = [flat[i : i + per_block] for i in range(0, len(flat), per_block)]
         if per_block == 1:  # stacked: R is (2, B, M), both sides
@@ -734,7 +734,7 @@ def _finish(
 
 class _State(NamedTuple):
     """What the backward needs per anchor, each ``(2, B)`` (rows: positive, negative side) in the
-    signed convention of :func:`_blocks.signed_terms`; one ``(8, B)`` output of the Function."""
+    signed convention of :func:`_blocks.signed_terms`; one ``(8, B)`` tensor saved for the backward."""
 
     hard: torch.Tensor  # (-min_pos, max_neg)
     scale: torch.Tensor  # of the pair weights
@@ -742,7 +742,7 @@ class _State(NamedTuple):
     shift: torch.Tensor
 
     def pack(self) -> torch.Tensor:
-        """The ``(8, B)`` tensor of the Function's outputs (a new tensor)."""
+        """The ``(8, B)`` tensor saved for the backward (a new tensor)."""
         return torch.cat(self)
 
     @staticmethod
@@ -822,7 +822,8 @@ def _fused_forward(
     problem = _Problem(x, refs, labels, ref_labels, self_index, ref_scale, cfg.transposed)
     # few outputs (autograd's bookkeeping costs ~8 us per output): per-anchor values stacked
     # per side, the backward's state packed in one (8, B) tensor (a new tensor: a threshold
-    # input may be a side's reference level, and an input cannot be an output)
+    # input may be a side's reference level, and the setup_context form returns it as an
+    # output, which an input cannot be)
     with _autocast_off(x.device.type):
         if cfg.stacked:
             t = _stacked_block(problem, cfg, lam_pos, lam_neg)
@@ -1206,8 +1207,9 @@ def ms_terms_fused(
     formed at once); ``self_index``: ``(B,)`` column of each
     anchor's own copy in ``y`` (``-1``: none); ``lam_pos``/``lam_neg``: ``(B,)``
     thresholds (may require grad). The sums run in float32 or wider.
-    ``counts=False`` skips counting pairs and summing weights (``num_pos``, ``num_neg``,
-    ``pos_weight_sum`` and ``neg_weight_sum`` are then zeros).
+    ``counts=False`` skips counting pairs and returns no weight sums (``num_pos`` and
+    ``num_neg`` are then one tensor of zeros, ``pos_weight_sum`` and ``neg_weight_sum``
+    another: read-only).
     ``chunk_size`` / ``memory_budget``: see :func:`plan_blocks`.
     ``ref_norm_p``: if set, ``y`` is raw and is p-normalised implicitly: the
     similarity block's columns are scaled by ``1 / |y_j|`` (no ``(M, D)``
@@ -1270,8 +1272,8 @@ def ms_terms_fused(
 
 
 def _distinct(*tensors: torch.Tensor) -> List[torch.Tensor]:
-    """The tensors, a repeated one (in-batch ``y is x``, ``ref_labels is labels``, one
-    threshold tensor for both sides) as a view under ``torch.compile``, which requires each input
+    """The tensors, a repeated one (in-batch ``ref_labels is labels``, one threshold tensor
+    for both sides) as a view under ``torch.compile``, which requires each input
     of the autograd Function to be its own tensor (gradients reach the original through the
     view); eagerly the tensors as they are (a view costs an operator call and an autograd node)."""
     if not torch.compiler.is_compiling():  # eager autograd takes one tensor twice

@@ -278,7 +278,8 @@ def test_stacked_sides_compute_the_per_side_numbers_exactly(device, epsilon, wei
     functional path) against the per-side functions the large blocks use: the hardest pairs,
     mining, counts and shifts bit for bit, the exponentials to the last bit, on similarities that are multiples of 1/16, so that with epsilon = 1/8 the mining comparisons
     meet exact ties; an anchor without positives, own copies inside and outside the block;
-    ``one_threshold``: one tensor for both sides' thresholds (signed by a product, not stacked)."""
+    ``one_threshold``: one tensor for both sides' thresholds (``signed_sides`` signs it by a
+    product instead of a stack; the small-batch kernel's case)."""
     g = torch.Generator().manual_seed(40 + seed)
     B, M = 9, 13
     S = (torch.randint(-16, 17, (B, M), generator=g).float() / 16).to(device)
