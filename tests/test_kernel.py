@@ -388,6 +388,21 @@ def test_second_backward_recomputes_the_kept_block(device, layout):
     torch.testing.assert_close(first, second)
 
 
+def test_errors_inside_the_fused_forward_are_not_taken_for_a_transform():
+    """The fused node falls back to its ``setup_context`` form only when ``torch.func`` refuses
+    the ``ctx`` form; an error of the forward itself (here: references of another width, past
+    the loss's checks) reaches the caller as it was raised, once."""
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, 3, dtype=torch.float64)
+    labels, ref_labels = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 2, 0, 1])
+    lam = torch.full((6,), 0.5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as raised:
+        _kernel.ms_terms_fused(
+            x, y, labels, ref_labels, torch.full((6,), -1), lam, lam, alpha=2.0, beta=50.0, epsilon=0.1
+        )
+    assert raised.value.__context__ is None  # not re-raised from inside the fallback
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_same_label_pairs_equal_the_dense_comparison(device, seed):
     g = torch.Generator().manual_seed(seed)
