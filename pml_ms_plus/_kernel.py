@@ -50,7 +50,6 @@ the loss are not supported.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 from typing import Any, Callable, ContextManager, List, NamedTuple, Optional, Tuple
 
@@ -851,13 +850,12 @@ def _fused_forward(
     return (losses, torch.stack(sums.counts), torch.stack(wsums_)), (state, *kept_out)
 
 
-def _remember(
-    ctx: Any, inputs: Tuple[Any, ...], outputs: Tuple[torch.Tensor, ...], kept: Tuple[torch.Tensor, ...]
-) -> None:
+def _remember(ctx: Any, inputs: Tuple[Any, ...], kept: Tuple[torch.Tensor, ...]) -> None:
     """The bookkeeping of :class:`_FusedMS` between its forward and backward: ``inputs`` as
-    the Function got them, ``outputs`` and ``kept`` as :func:`_fused_forward` returned them.
+    the Function got them, ``kept`` as :func:`_fused_forward` returned it.
     Saves the inputs, the packed state and the small kept blocks with ``save_for_backward``;
-    holds the large kept blocks on ``ctx`` (see the class doc)."""
+    holds the large kept blocks on ``ctx`` (see the class doc). The caller marks its
+    non-differentiable outputs."""
     x, y, lam_pos, lam_neg, labels, ref_labels, self_index, cfg, ref_scale, x_unit, x_norm = inputs
     ctx.cfg = cfg
     ctx.same_refs = y is None  # the anchors are the references (in-batch)
@@ -884,7 +882,6 @@ def _remember(
         ctx.kept = [_Swept(*flat[i : i + 2]) for i in range(0, len(flat), 2)]
     else:
         ctx.kept = [] if cfg.dense else _Kept.split(flat, cfg.kept_outputs)
-    ctx.mark_non_differentiable(*outputs[1:])
     ctx.set_materialize_grads(False)  # no zero gradients the size of the kept blocks
 
 
@@ -926,7 +923,8 @@ class _FusedMS(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, *inputs: Any) -> Tuple[torch.Tensor, ...]:
         outputs, kept = _fused_forward(*inputs)
-        _remember(ctx, inputs, outputs, kept)
+        _remember(ctx, inputs, kept)
+        ctx.mark_non_differentiable(*outputs[1:])  # the stats
         return outputs
 
     @staticmethod
@@ -1079,14 +1077,8 @@ class _FusedMSTransformable(_FusedMS):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
-        n = _num_outputs(inputs[7])
-        _remember(ctx, inputs, output[:n], output[n:])
-        ctx.mark_non_differentiable(*output[1:])
-
-
-# Function.apply binds its arguments to forward's signature on every call (setup_context);
-# a stored signature spares inspect re-deriving it
-_FusedMSTransformable.forward.__signature__ = inspect.signature(_FusedMSTransformable.forward)  # type: ignore[attr-defined]
+        _remember(ctx, inputs, output[_num_outputs(inputs[7]) :])
+        ctx.mark_non_differentiable(*output[1:])  # the stats and what the backward keeps
 
 
 def _num_outputs(cfg: _Config) -> int:
