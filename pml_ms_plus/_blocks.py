@@ -246,15 +246,16 @@ def negatives_only(Vn: torch.Tensor) -> Block:
     return Block(none, none, Vn.new_empty(0), Vn)
 
 
-def _exclude_own_copies_(Vn: torch.Tensor, self_index: torch.Tensor) -> None:
-    """``Vn[i, self_index[i]] = -inf`` where ``self_index[i]`` lies in ``[0, M)``
-    (a gather and a scatter of ``B`` values; no data-dependent shapes)."""
-    M = Vn.shape[1]
-    rows = torch.arange(len(self_index), device=Vn.device)
+def _exclude_own_copies_(V: torch.Tensor, self_index: torch.Tensor) -> None:
+    """``V[..., i, self_index[i]] = -inf`` where ``self_index[i]`` lies in ``[0, M)``, for a
+    ``(B, M)`` block or a stack of them (a gather and a scatter of ``B`` values per block; no
+    data-dependent shapes)."""
+    M = V.shape[-1]
+    rows = torch.arange(len(self_index), device=V.device)
     cols = self_index.clamp(0, M - 1)
     valid = (self_index >= 0) & (self_index < M)
-    current = Vn[rows, cols]
-    Vn[rows, cols] = current.masked_fill(valid, -_INF)
+    current = V[..., rows, cols]
+    V[..., rows, cols] = current.masked_fill(valid, -_INF)
 
 
 def block_from_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Block:
@@ -328,32 +329,48 @@ def mine_positives(block: Block, epsilon: float, max_neg: torch.Tensor) -> Block
     return block._replace(sp=sp)
 
 
+FLOAT_MASK_ELEMENTS = 2**12  # eager blocks of at least this many values are masked in float passes
+# (fill_where_: more operator calls, each several times cheaper per value than a boolean mask and a
+# masked fill); smaller ones by the boolean mask and the masked fill. Measured, 2 CPU cores, the
+# signed block of B anchors (2 B^2 values): B=32 22 vs 27 us, B=48 40 vs 24, B=128 145 vs 59
+
+
 def mine_negatives_(
     Vn: torch.Tensor, epsilon: Threshold, min_pos: torch.Tensor, anchor_dim: int = 0
 ) -> torch.Tensor:
     """The negative half of :func:`mine_`, in place: ``Vn = -inf`` where ``Vn + epsilon <= min_pos``
     (``min_pos``: ``(B,)``, each anchor's hardest positive; ``anchor_dim=1``: ``Vn`` is a
-    reference-major ``(M, B)`` block).
-
-    In float passes, no boolean mask (a comparison and a masked fill take about twice as
-    long on the CPU): with ``u = Vn + epsilon`` rounded as PML rounds it, ``u <= min_pos``
-    exactly when ``min_pos - u`` is ``+0`` or positive (a difference of floats is 0 only
-    between equal floats, and ``+0`` then; ``-0`` is made ``+0`` first; flushed denormals
-    flush both tests alike), so ``-inf`` with that sign flipped caps each value: ``+inf``
-    keeps it, ``-inf`` mines it. ``inf - inf`` (a tie at ``+inf``, or ``-inf`` against an
-    excluded pair) counts as a tie and a NaN ``min_pos`` as ``-inf``, as the comparison
-    decides; a NaN value stays NaN. The same pairs as the comparison, bit for bit.
-    Under ``torch.compile`` the comparison itself (inductor fuses it into the block's one loop).
-    """
+    reference-major ``(M, B)`` block). See :func:`mine_below_`."""
     per_anchor = (-1, 1) if anchor_dim == 0 else (1, -1)  # min_pos broadcast over the block
+    return mine_below_(Vn, epsilon, min_pos.view(per_anchor))
+
+
+def mine_below_(V: torch.Tensor, epsilon: Threshold, bound: torch.Tensor) -> torch.Tensor:
+    """``V = -inf`` where ``V + epsilon <= bound`` (``bound`` broadcast over ``V``), in place:
+    PML's comparison, ``V + epsilon`` rounded in ``V``'s dtype as PML rounds it; a NaN value or
+    bound compares false and keeps the value. Eagerly, on blocks of :data:`FLOAT_MASK_ELEMENTS`
+    values or more, the comparison writes its 1.0/0.0 into a float tensor and the fill is
+    :func:`fill_where_`; smaller blocks and ``torch.compile`` (inductor fuses them into the
+    block's one loop) take the comparison and the masked fill themselves. The same pairs either
+    way. Differentiable in place."""
     if torch.compiler.is_compiling():
-        return Vn.masked_fill_((Vn + epsilon) <= min_pos.view(per_anchor), -_INF)
-    level = torch.nan_to_num(min_pos, nan=-_INF, posinf=_INF, neginf=-_INF).add_(0.0)  # -0 + 0 = +0
-    cap = torch.add(Vn.detach(), epsilon)
-    torch.sub(level.view(per_anchor), cap, out=cap)  # min_pos - u: +0 or more where mined
-    cap.nan_to_num_(nan=1.0, posinf=_INF, neginf=-_INF)
-    torch.copysign(cap.new_full((), _INF), cap, out=cap).neg_()
-    return Vn.clamp_max_(cap)
+        return V.masked_fill_((V + epsilon) <= bound, -_INF)
+    drop = torch.add(V.detach(), epsilon)
+    return fill_where_(V, torch.le(drop, bound, out=drop), -_INF)
+
+
+def fill_where_(V: torch.Tensor, drop: torch.Tensor, value: float) -> torch.Tensor:
+    """``V.masked_fill_(drop == 1, value)`` for ``value`` ``+inf`` or ``-inf``, in float passes:
+    ``drop`` holds 1.0 (fill) and 0.0 (keep), broadcastable to ``V`` and overwritten. A boolean
+    mask and a masked fill take 5-10x as long on the CPU as a float pass over a block of 2**15
+    values (measured: a comparison into bool 29 us, into float 5 us; ``masked_fill_`` 53 us,
+    ``clamp_max_`` by a tensor 5 us). Each value is capped: ``(drop - 1/2) * value`` is ``value``
+    where it fills and ``-value`` where it keeps, and ``min`` (``max`` for ``+inf``) with it
+    gives exactly ``value`` or the value itself. A NaN in ``V`` stays NaN where it is filled (the
+    one difference from a masked fill). In place; differentiable (the gradient passes where the
+    value is kept)."""
+    cap = drop.sub_(0.5).mul_(value)
+    return V.clamp_max_(cap) if value < 0 else V.clamp_min_(cap)
 
 
 class MinedPairs(NamedTuple):
@@ -780,15 +797,32 @@ def signed_block(
     S: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor, self_index: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """The signed ``(2, B, M)`` block of ``S`` for label-defined pairs (see :func:`pair_masks`;
-    ``self_index`` outside ``[0, M)`` or ``None``: no own copy). A new tensor; no autograd."""
-    eq, own = _same_label_and_own(labels, ref_labels, self_index, S.shape[1])
-    # per side, not its pair: (~eq, eq) as eq XOR (True, False), one broadcast pointwise op
-    # (a stack is a concatenation, which inductor materialises: on the CPU its bool stores
-    # from int64 comparisons cost 3/4 of the compiled elementwise kernel at B=128)
-    dropped = torch.logical_xor(eq, _pair_of(True, False, eq, (2, 1, 1)))
-    if own is not None:
-        dropped |= own
-    return _signed_values(S).masked_fill_(dropped, -_INF)
+    ``self_index`` outside ``[0, M)`` or ``None``: no own copy). A new tensor; no autograd.
+
+    In float passes (see :func:`fill_where_`): the labels' comparison is written as 1.0/0.0,
+    and each side's values ``(-S, S)`` are capped by ``+-inf`` from it, ``+inf`` on the side's
+    pairs and ``-inf`` off them (the positives' side keeps the same labels, the negatives'
+    side the others). A NaN similarity stays NaN off its side's pairs too (a masked fill would
+    write ``-inf`` there): its anchor's loss is NaN either way, as the pair is on one of its
+    sides. The own copies are then set to ``-inf`` on both sides (a gather and a scatter).
+    Blocks of fewer than :data:`FLOAT_MASK_ELEMENTS` values, and ``torch.compile``, take the
+    boolean masks and a masked fill (fewer operator calls)."""
+    B, M = S.shape
+    if torch.compiler.is_compiling() or 2 * B * M < FLOAT_MASK_ELEMENTS:
+        eq, own = _same_label_and_own(labels, ref_labels, self_index, M)
+        # per side, not its pair: (~eq, eq) as eq XOR (True, False), one broadcast pointwise op
+        # (a stack is a concatenation, which inductor materialises: on the CPU its bool stores
+        # from int64 comparisons cost 3/4 of the compiled elementwise kernel at B=128)
+        dropped = torch.logical_xor(eq, _pair_of(True, False, eq, (2, 1, 1)))
+        if own is not None:
+            dropped |= own
+        return _signed_values(S).masked_fill_(dropped, -_INF)
+    same = torch.eq(labels[:, None], ref_labels[None, :], out=S.new_empty((B, M)))
+    caps = torch.mul(same.sub_(0.5), _pair_of(_INF, -_INF, S, (2, 1, 1)))  # +-inf: (same, other)
+    U = _signed_values(S).clamp_max_(caps)
+    if self_index is not None and M:
+        _exclude_own_copies_(U, self_index)
+    return U
 
 
 def signed_from_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -848,8 +882,7 @@ def signed_terms(
         kept = h != -_INF
     else:  # a side keeps a pair with U + eps > bound: exactly mine_'s comparisons, negated
         kept = ~((h + epsilon) <= bound)
-        drop = (U + epsilon) <= bound[..., None]
-        U = U.masked_fill_(drop, -_INF) if inplace else U.masked_fill(drop, -_INF)
+        U = mine_below_(U if inplace else U.clone(), epsilon, bound[..., None])
     if U.dtype != compute_dtype(U.dtype):  # exact: every half-precision value is a float32
         U, h = U.to(compute_dtype(U.dtype)), h.to(compute_dtype(U.dtype))
     num = (U != -_INF).sum(-1) if counts else None

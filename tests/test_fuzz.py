@@ -9,6 +9,7 @@ chosen with the environment variable ``PML_MS_PLUS_FUZZ``:
   ``PML_MS_PLUS_FUZZ=long pytest tests/test_fuzz.py``.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -22,7 +23,7 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning import reducers as pml_reducers
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from pml_ms_plus import losses, miners
+from pml_ms_plus import _blocks, losses, miners
 
 _COMMON = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck), derandomize=True)
 settings.register_profile("ci", max_examples=40, **_COMMON)
@@ -113,7 +114,20 @@ def problems(
         epsilon=draw(st.sampled_from([None, None, 0.0, 0.1, 0.5])),
         reducer=draw(st.sampled_from(list(REDUCERS))),
         tuple_kind=draw(st.sampled_from(list(tuple_kinds))),
+        float_masks=draw(st.booleans()),  # the eager form of the masks (see float_masks)
     )
+
+
+@contextlib.contextmanager
+def float_masks(on):
+    """The float-pass form of the label masks and the mining on every block (``on``), else the
+    boolean one on every block; these problems are smaller than ``_blocks.FLOAT_MASK_ELEMENTS``."""
+    saved = _blocks.FLOAT_MASK_ELEMENTS
+    _blocks.FLOAT_MASK_ELEMENTS = 0 if on else 2**62
+    try:
+        yield
+    finally:
+        _blocks.FLOAT_MASK_ELEMENTS = saved
 
 
 def reduced(value):
@@ -197,7 +211,8 @@ def test_loss_matches_pml_in_float64(p):
     else:
         assume(not all(len(t) <= 1 for t in _as_pairs(pml_pairs)))
     ours = losses.MSLoss(distance=DISTANCES[p["dist"]](), reducer=REDUCERS[p["reducer"]](), epsilon=eps, **kw)
-    got, g_got = run(ours, p, tup)
+    with float_masks(p["float_masks"]):
+        got, g_got = run(ours, p, tup)
     assert torch.isfinite(got).all() and all(torch.isfinite(g).all() for g in g_got)
     scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
     torch.testing.assert_close(got.reshape(-1), want.reshape(-1).to(got.dtype), rtol=1e-6, atol=1e-9 * scale)

@@ -273,13 +273,16 @@ def test_one_pass_forward_with_empty_and_mined_away_sides(device, classes, budge
 @pytest.mark.parametrize("weighting", ["ms", "self", "relative"])
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("one_threshold", [False, True])
-def test_stacked_sides_compute_the_per_side_numbers_exactly(device, epsilon, weighting, seed, one_threshold):
+def test_stacked_sides_compute_the_per_side_numbers_exactly(
+    device, masks, epsilon, weighting, seed, one_threshold
+):
     """``signed_terms`` (both sides as one (2, B, M) tensor, the small-batch path and the dense
     functional path) against the per-side functions the large blocks use: the hardest pairs,
     mining, counts and shifts bit for bit, the exponentials to the last bit, on similarities that are multiples of 1/16, so that with epsilon = 1/8 the mining comparisons
     meet exact ties; an anchor without positives, own copies inside and outside the block;
     ``one_threshold``: one tensor for both sides' thresholds (``signed_sides`` signs it by a
-    product instead of a stack; the small-batch kernel's case)."""
+    product instead of a stack; the small-batch kernel's case); ``masks``: the boolean and the
+    float-pass forms of the label masks and of the mining."""
     g = torch.Generator().manual_seed(40 + seed)
     B, M = 9, 13
     S = (torch.randint(-16, 17, (B, M), generator=g).float() / 16).to(device)
@@ -734,9 +737,9 @@ def test_loss_graph_holds_no_normalisation_node():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("epsilon", [0.0, 0.1, 1e-30])
 @pytest.mark.parametrize("flush_denormal", [False, True])
-def test_negatives_are_mined_as_the_comparison_mines_them(device, dtype, epsilon, flush_denormal):
-    """``mine_negatives_`` (float passes: the sign of ``min_pos - u`` capping each value)
-    drops exactly the pairs with ``S + epsilon <= min_pos``, PML's comparison, on exact ties
+def test_negatives_are_mined_as_the_comparison_mines_them(device, masks, dtype, epsilon, flush_denormal):
+    """``mine_negatives_`` (both forms: the comparison and a masked fill, and the float passes
+    of the comparison written as 1.0/0.0 capping each value) drops exactly the pairs with ``S + epsilon <= min_pos``, PML's comparison, on exact ties
     (``S + epsilon`` rounding to ``min_pos``, at 0 and at ``+-0``), tiny values that round alike,
     denormals flushed to zero or not, excluded pairs (``-inf``), anchors without positives
     (``min_pos = +inf``), and the non-finite values of ``check_finite=False`` (``+inf``

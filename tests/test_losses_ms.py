@@ -113,7 +113,7 @@ def test_parity_with_pml_over_reducers(device, dtype, kind, reducer, dist):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("use_ref", [False, True])
 @pytest.mark.parametrize("dist", list(DISTANCES))
-def test_fused_mining_equals_miner_then_loss(device, dtype, use_ref, dist):
+def test_fused_mining_equals_miner_then_loss(device, masks, dtype, use_ref, dist):
     skip_if_half_unsupported(device, dtype)
     x, y = make_batch(11, device=device, dtype=dtype)
     ref, ref_y = make_batch(12, n=40, device=device, dtype=dtype) if use_ref else (None, None)
