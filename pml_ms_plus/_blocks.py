@@ -753,34 +753,54 @@ def block_terms(
 # the operator calls (the exponentials themselves may differ in the last bit: vector lanes).
 
 
-_PAIRS: Dict[Tuple[Any, ...], torch.Tensor] = {}  # the constant pairs of _pair_of, made once
-_PAIRS_MAX = 64  # entries (one per value pair, dtype and shape): a sweep of alpha/beta adds one each
+_CONSTANTS: Dict[Tuple[Any, ...], torch.Tensor] = {}  # the constants of constant(), made once
+_CONSTANTS_MAX = 64  # entries: a sweep of alpha/beta or of batch sizes adds one each
+
+
+def constant(key: Tuple[Any, ...], like: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The tensor ``make()`` (on ``like``'s device), on the CPU made once per ``key`` and then
+    reused: the small constants of every step (the signs of the stacked sides, self indices,
+    thresholds, zero counts; an operator call each, at B=32 a few per cent of a step). Nothing
+    in this package writes to them; callers handing one out say it is read-only. Made outside
+    inference mode, so that the constant is a plain tensor that autograd may save whatever mode
+    made it; a tracer's tensors (``like`` or the new one not a plain ``torch.Tensor``: fake
+    tensors, proxies) and ``torch.compile``'s tracing take a fresh one. Not cached on GPUs (a
+    fill there is one asynchronous launch; a cached one could be read on another stream or be
+    captured into a CUDA graph unfilled). ``key`` names everything ``make`` depends on but the
+    device (the CPU)."""
+    if torch.compiler.is_compiling() or not like.is_cpu or type(like) is not torch.Tensor:
+        return make()
+    t = _CONSTANTS.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = make()
+        if type(t) is torch.Tensor:  # not made under a tracing mode
+            if len(_CONSTANTS) >= _CONSTANTS_MAX:
+                _CONSTANTS.clear()
+            _CONSTANTS[key] = t
+    return t
 
 
 def _pair_of(first: Any, second: Any, like: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
     """A ``(2, 1, ...)`` tensor of ``(first, second)`` in ``like``'s dtype and device, made by
-    fills (no host-to-device copy, so no synchronisation on CUDA). On the CPU made once per
-    value, dtype and shape, then reused (two operator calls of every small step; nothing writes
-    to it): by a factory call outside inference mode, so that the constant is a plain tensor that
-    autograd may save whatever mode made it; a tracer's tensors (``like`` or the new one not a
-    plain ``torch.Tensor``: fake tensors, proxies) and ``torch.compile``'s tracing take a fresh
-    one. Not cached on GPUs (a fill there is one asynchronous launch; a cached one could be read
-    on another stream or be captured into a CUDA graph unfilled)."""
-    if torch.compiler.is_compiling() or not like.is_cpu or type(like) is not torch.Tensor:
-        fresh = like.new_full(shape, second)
-        fresh[0] = first
-        return fresh
-    key = (first, second, like.dtype, shape)
-    t = _PAIRS.get(key)
-    if t is None:
-        with torch.inference_mode(False):
-            t = torch.full(shape, second, dtype=like.dtype)
-            t[0] = first
-        if type(t) is torch.Tensor:  # not made under a tracing mode
-            if len(_PAIRS) >= _PAIRS_MAX:
-                _PAIRS.clear()
-            _PAIRS[key] = t
-    return t
+    fills (no host-to-device copy, so no synchronisation on CUDA); a :func:`constant`."""
+
+    def make() -> torch.Tensor:
+        t = like.new_full(shape, second)
+        t[0] = first
+        return t
+
+    return constant(("pair", first, second, like.dtype, shape), like, make)
+
+
+def arange(n: int, like: torch.Tensor) -> torch.Tensor:
+    """``torch.arange(n)`` (long) on ``like``'s device; a :func:`constant` (read-only)."""
+    return constant(("arange", n), like, lambda: torch.arange(n, device=like.device))
+
+
+def full(n: int, value: Union[int, float], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """``torch.full((n,), value, dtype)`` on ``like``'s device; a :func:`constant` (read-only)."""
+    return constant(("full", n, value, dtype), like, lambda: like.new_full((n,), value, dtype=dtype))
 
 
 def signed_sides(alpha: float, beta: float, lam_pos: torch.Tensor, lam_neg: torch.Tensor) -> Side:

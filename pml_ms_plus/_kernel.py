@@ -774,10 +774,10 @@ class _State(NamedTuple):
 
 def _stacked_block(
     problem: _Problem, cfg: _Config, lam_pos: torch.Tensor, lam_neg: torch.Tensor
-) -> _blocks.SignedTerms:
+) -> Tuple[_blocks.SignedTerms, torch.Tensor]:
     """The whole problem as one dense block with both sides stacked (:func:`_blocks.signed_terms`):
     the small-batch path, the same pairs and exponents as the per-side passes in half the
-    operator calls."""
+    operator calls. Returns the terms and the similarity block ``S`` (left intact)."""
     S = problem.scale_columns_(problem.product(problem.y), 0)
     if cfg.own_diagonal:  # each anchor's own copy is its column: dropped from both sides
         U = _blocks.signed_block(S, problem.labels, problem.ref_labels, None)
@@ -785,7 +785,7 @@ def _stacked_block(
     else:
         U = _blocks.signed_block(S, problem.labels, problem.ref_labels, problem.self_index)
     side = _blocks.signed_sides(cfg.alpha, cfg.beta, lam_pos, lam_neg)
-    return _blocks.signed_terms(U, side, cfg.epsilon, cfg.weighting, counts=cfg.counts, inplace=True)
+    return _blocks.signed_terms(U, side, cfg.epsilon, cfg.weighting, counts=cfg.counts, inplace=True), S
 
 
 def _autocast_off(device_type: str) -> ContextManager[Any]:
@@ -825,8 +825,9 @@ def _fused_forward(
     # output, which an input cannot be)
     with _autocast_off(x.device.type):
         if cfg.stacked:
-            t = _stacked_block(problem, cfg, lam_pos, lam_neg)
-            kept_stacked = (t.loss.scale, t.R)  # the backward needs the weights' scales alone
+            t, S = _stacked_block(problem, cfg, lam_pos, lam_neg)
+            # the backward needs the weights' scales and R; S for the anchors' normalisation
+            kept_stacked = (t.loss.scale, t.R, S) if x_norm is not None else (t.loss.scale, t.R)
             if t.counts is None:
                 return (t.loss.loss.sum(0),), kept_stacked
             wsums = _blocks.signed_weight_sums(t, cfg.weighting)
@@ -950,7 +951,7 @@ class _FusedMS(torch.autograd.Function):
         if cfg.stacked:  # one saved block, both sides in it; saved[7]: the weights' scales
             with _autocast_off(x.device.type):
                 a = g.to(x.dtype) * saved[7]
-                return _stacked_grads(problem, kept_saved[0], a, needs, same, x_norm)
+                return _stacked_grads(problem, kept_saved, a, needs, same, x_norm)
         state = _State.unpack(saved[7])
         scale_p, scale_n = state.scale
         kept: List[Any]  # of _Kept, or of _Swept (one-pass)
@@ -1038,28 +1039,44 @@ class _FusedMS(torch.autograd.Function):
 
 def _stacked_grads(
     problem: _Problem,
-    R: torch.Tensor,
+    kept: Tuple[torch.Tensor, ...],
     a: torch.Tensor,
     needs: Tuple[bool, ...],
     same: bool,
     x_norm: Optional[torch.Tensor],
 ) -> Tuple[Optional[torch.Tensor], ...]:
-    """:meth:`_FusedMS.backward` of a stacked problem (:func:`_stacked_block`): ``R`` its
-    ``(2, B, M)`` pair terms, ``a`` ``(2, B)`` the upstream gradient times the weight scales
-    (``w = R * scale``). ``dL/dS = w_neg - w_pos``; in-batch one product, ``(G + G^T) x``."""
+    """:meth:`_FusedMS.backward` of a stacked problem (:func:`_stacked_block`): ``kept`` its
+    ``(2, B, M)`` pair terms ``R`` (and, with ``x_norm``, the similarity block ``S``), ``a``
+    ``(2, B)`` the upstream gradient times the weight scales (``w = R * scale``).
+    ``dL/dS = w_neg - w_pos``; in-batch one product, ``(G + G^T) x``.
+
+    Through the anchors' normalisation (``x_norm``: ``problem.x`` holds the unit rows ``u``):
+    ``dL/dx = (g - u (u . g)) / |x|`` for ``g = G_x Y`` (:func:`unit_rows_backward`), computed on
+    the small block instead of the ``(B, D)`` rows: ``u_i . g_i = sum_j G_x[i, j] S[i, j]`` (``S``
+    holds ``u_i . y_j`` with the columns' scale, ``G_x`` is ``G`` before it), and the division
+    by ``|x_i|`` scales ``G_x``'s rows before the product: ``(G_x / |x|) Y - u (u . g) / |x|``.
+    Three ``(B, D)`` passes fewer (at B=128, D=512: 16,384 values a pass instead of 65,536)."""
     x, y = problem.x, problem.y
+    R = kept[0]
     W = R * (a * _blocks.signed_pair(a))[..., None]  # (-w_pos, w_neg) times the upstream gradient
     G = W.sum(0)
-    if problem.ref_scale is not None:  # d(S * ref_scale)/dS: the columns scaled
+    Gx = G + G.T if same and needs[0] else G  # dL/du = Gx @ (x if same else y), columns scaled
+    rows = None  # with the normalisation: the scale of Gx's rows and u's coefficients
+    if needs[0] and x_norm is not None:
+        S = kept[1]
+        clamped = x_norm.clamp_min(NORM_EPS)
+        dot = (Gx * S).sum(1, keepdim=True).mul_(x_norm >= NORM_EPS)  # u . g (the clamp's rows: 0)
+        rows = (clamped, dot.div_(clamped))
+    if problem.ref_scale is not None:  # d(S * ref_scale)/dS: the columns scaled (never in-batch)
         G.mul_(problem.ref_scale)
     dx = dy = None
-    if same:
-        dx = (G + G.T) @ x if needs[0] else None
-    else:
-        dx = G @ y if needs[0] else None
-        dy = G.T @ x if needs[1] else None
-    if x_norm is not None and dx is not None:  # through the rows' normalisation
-        dx = unit_rows_backward(dx, x, x_norm)
+    if needs[0]:
+        Gu = Gx if rows is None else Gx / rows[0]
+        dx = Gu @ (x if same else y)
+        if rows is not None:
+            dx.addcmul_(x, rows[1], value=-1.0)
+    if needs[1] and not same:
+        dy = G.T @ x
     d_lp = d_ln = None
     if needs[2] or needs[3]:  # dL/dlam_pos = +sum w_pos, dL/dlam_neg = -sum w_neg
         d_lp, d_ln = W.sum(-1).neg_().unbind(0)
@@ -1257,7 +1274,7 @@ def ms_terms_fused(
     x_unit, x_norm = (None, None) if anchor_units is None else anchor_units
     out = _apply_fused(x, refs, lp, ln, labels, ref_labels, self_index, cfg, ref_scale, x_unit, x_norm)
     if not counts:
-        none, zero = torch.zeros(B, dtype=torch.long, device=x.device), out[0].detach().new_zeros(B)
+        none, zero = _blocks.full(B, 0, torch.long, x), _blocks.full(B, 0, out[0].dtype, x)
         return _blocks.MSTerms(out[0], none, none, zero, zero)
     losses, num, wsums = out  # num: (2, B) pair counts, wsums: (2, B) weight sums
     return _blocks.MSTerms(losses, *num.unbind(0), *wsums.unbind(0))

@@ -222,7 +222,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
                 )
             ref_labels = labels
         same = ref_labels is labels or (self.epsilon is not None and ref_emb is embeddings)
-        self_index = torch.arange(len(embeddings), device=embeddings.device) if same else None
+        self_index = _blocks.arange(len(embeddings), embeddings) if same else None  # read-only
         return MSProblem(
             embeddings,
             labels,
@@ -264,7 +264,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         return {
             "loss": {
                 "losses": losses,
-                "indices": torch.arange(problem.num_anchors, device=problem.anchors.device),
+                "indices": _blocks.arange(problem.num_anchors, problem.anchors),
                 "reduction_type": "element",
             }
         }
@@ -347,7 +347,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         assert labels is not None and ref_labels is not None  # the fused path needs labels
         self_index = problem.self_index
         if self_index is None:
-            self_index = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+            self_index = _blocks.full(len(x), -1, torch.long, x)
         sims = FusedSimilarities(
             x_sim,
             y_sim,
@@ -411,9 +411,8 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         Subclasses with adaptive thresholds override this; ``sims.row_sums()``
         gives each anchor's sums over its unmined pairs (see ``AdaptiveMSLoss``).
         """
-        lam = torch.full(
-            (problem.num_anchors,), self._sign() * self.base, dtype=sims.dtype, device=sims.device
-        )
+        # a constant (read-only; see _blocks.constant): one operator call less per step
+        lam = _blocks.full(problem.num_anchors, self._sign() * self.base, sims.dtype, problem.anchors)
         return Thresholds(lam, lam)
 
     # ----------------------------------------------------------------- extras
