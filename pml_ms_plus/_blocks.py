@@ -658,8 +658,9 @@ class SideLoss(NamedTuple):
 
 def side_finish(acc: torch.Tensor, shift: Shift, coef: Threshold, weighting: Weighting) -> SideLoss:
     """A side's :class:`SideLoss` from its ``acc`` (summed over every block; ``(2, B)`` with a
-    ``(2, 1)`` ``coef`` for stacked sides)."""
-    k = coef.abs() if isinstance(coef, torch.Tensor) else abs(coef)
+    ``(2, 1)`` ``coef`` for stacked sides: ``(alpha, beta)``, positive, so that it is its own
+    magnitude; a float ``coef`` is ``-alpha`` or ``beta``)."""
+    k = coef if isinstance(coef, torch.Tensor) else abs(coef)
     if not weighting.log_sum_exp:
         return SideLoss(acc / k, torch.ones_like(acc))
     s = shift.shift
@@ -895,12 +896,12 @@ def signed_terms(
         h = U.detach().amax(-1)
     else:  # no references
         h = U.new_full(U.shape[:-1], -_INF)
-    bound = -h.flip(0)  # each side's bound: the other side's hardest (min_pos, -max_neg)
-    if keeps_none is not None:  # a bound no pair passes
-        bound = bound.masked_fill(keeps_none, _INF)
     if epsilon is None:
         kept = h != -_INF
     else:  # a side keeps a pair with U + eps > bound: exactly mine_'s comparisons, negated
+        bound = -h.flip(0)  # each side's bound: the other side's hardest (min_pos, -max_neg)
+        if keeps_none is not None:  # a bound no pair passes
+            bound = bound.masked_fill(keeps_none, _INF)
         kept = ~((h + epsilon) <= bound)
         U = mine_below_(U if inplace else U.clone(), epsilon, bound[..., None])
     if U.dtype != compute_dtype(U.dtype):  # exact: every half-precision value is a float32

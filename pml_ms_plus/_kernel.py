@@ -950,7 +950,7 @@ class _FusedMS(torch.autograd.Function):
             return (*grads, *(None,) * 7)
         if cfg.stacked:  # one saved block, both sides in it; saved[7]: the weights' scales
             with _autocast_off(x.device.type):
-                a = g.to(x.dtype) * saved[7]
+                a = (g if g.dtype == x.dtype else g.to(x.dtype)) * saved[7]
                 return _stacked_grads(problem, kept_saved, a, needs, same, x_norm)
         state = _State.unpack(saved[7])
         scale_p, scale_n = state.scale

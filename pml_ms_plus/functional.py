@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import _blocks, _kernel
+from . import _blocks, _checks, _kernel
 from ._blocks import WEIGHTINGS, MSParams, MSTerms, PairMasks, PairWeights, Threshold
 
 __all__ = [
@@ -110,7 +110,7 @@ def ms_terms(
         ``neg_weight_sum`` (sums of the GPW weights).
 
     Raises:
-        ValueError: for an unknown ``weighting``.
+        ValueError: for an unknown ``weighting``, an ``alpha`` or ``beta`` not a number > 0.
 
     Example:
         >>> S = torch.tensor([[1.0, 0.8, 0.1], [0.8, 1.0, 0.6], [0.1, 0.6, 1.0]])
@@ -122,7 +122,21 @@ def ms_terms(
         >>> round(float(t.losses[0]), 6) == round(by_hand, 6)
         True
     """
-    return _blocks.dense_terms(S, pos, neg, MSParams(alpha, beta, lam_pos, lam_neg, weighting, epsilon))
+    return _blocks.dense_terms(S, pos, neg, _params(alpha, beta, lam_pos, lam_neg, weighting, epsilon))
+
+
+def _params(
+    alpha: float,
+    beta: float,
+    lam_pos: Threshold,
+    lam_neg: Threshold,
+    weighting: str,
+    epsilon: Optional[float],
+) -> MSParams:
+    """The checked :class:`MSParams` of the dense functions (``ValueError`` naming a scale not > 0)."""
+    _checks.positive("alpha", alpha)
+    _checks.positive("beta", beta)
+    return MSParams(alpha, beta, lam_pos, lam_neg, weighting, epsilon)
 
 
 def ms_anchor_losses(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -167,9 +181,7 @@ def pair_weights(
         tensor([[0.0000, 0.9820],
                 [0.9820, 0.0000]])
     """
-    return _blocks.dense_pair_weights(
-        S, pos, neg, MSParams(alpha, beta, lam_pos, lam_neg, weighting, epsilon)
-    )
+    return _blocks.dense_pair_weights(S, pos, neg, _params(alpha, beta, lam_pos, lam_neg, weighting, epsilon))
 
 
 def multi_similarity_loss(

@@ -292,6 +292,17 @@ def test_bad_arguments(kwargs, message):
         losses.MSLoss(**kwargs)
 
 
+@pytest.mark.parametrize("fn", ["ms_terms", "pair_weights"])
+@pytest.mark.parametrize("kwargs, name", [(dict(alpha=-2.0), "alpha"), (dict(beta=0.0), "beta")])
+def test_functional_refuses_scales_not_above_zero(fn, kwargs, name):
+    """The dense functions check the scales as the loss does (a negative ``alpha`` used to run:
+    its losses were meaningless, -inf once the stacked sides took ``coef`` as its own magnitude)."""
+    S = torch.rand(3, 4, generator=torch.Generator().manual_seed(5))
+    pos, neg = F_ms.pair_masks(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1, 0]))
+    with pytest.raises(ValueError, match=f"{name} must be a finite number > 0"):
+        getattr(F_ms, fn)(S, pos, neg, **kwargs)
+
+
 def test_bad_miner_epsilon():
     with pytest.raises(ValueError, match="epsilon"):
         miners.MultiSimilarityMiner(epsilon=-1)

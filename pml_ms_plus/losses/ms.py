@@ -258,7 +258,9 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             return self.zero_losses()
         terms = self.terms(problem)
         self._record(terms)
-        losses = terms.losses.to(problem.anchors.dtype)
+        losses = terms.losses
+        if losses.dtype != problem.anchors.dtype:  # the compute dtype of half-precision anchors
+            losses = losses.to(problem.anchors.dtype)
         if not isinstance(self.reducer, pml_reducers.ClassWeightedReducer):
             losses = losses[:, None]  # PML's shape, (B, 1); see the README for ClassWeightedReducer
         return {
