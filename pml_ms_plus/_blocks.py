@@ -95,7 +95,7 @@ def pair_masks(
         ref_labels = labels
         if self_index is None:
             self_index = torch.arange(len(labels), device=labels.device)
-    eq = labels[:, None] == ref_labels[None, :]
+    eq = labels[:, None] == ref_labels  # (B, 1) against (M,): (B, M)
     pos, neg = eq, ~eq
     if self_index is not None:
         rows = torch.arange(len(labels), device=labels.device)
@@ -122,6 +122,13 @@ def masks_from_pairs(
 
 
 _INF = float("inf")
+
+
+def values(t: torch.Tensor) -> torch.Tensor:
+    """``t.detach()`` where autograd records operations (what follows must not be tracked);
+    ``t`` itself where it does not (the kernel's forward runs without it): nothing would be
+    tracked, and a detach is an operator call (~1 us on the CPU)."""
+    return t.detach() if torch.is_grad_enabled() else t
 
 
 class Block(NamedTuple):
@@ -234,7 +241,7 @@ def _same_label_and_own(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(B, M)`` bool: same label, and each anchor's own copy (``None`` without self indices;
     an index outside ``[0, M)`` matches no column)."""
-    eq = labels[:, None] == ref_labels[None, :]
+    eq = labels[:, None] == ref_labels  # (B, 1) against (M,): (B, M)
     if self_index is None:
         return eq, None
     return eq, torch.arange(M, device=eq.device) == self_index[:, None]
@@ -280,12 +287,12 @@ def hardest(block: Block) -> Hardest:
     ``M = 0`` columns, or the listed positives alone beside a ``(B, 0)`` ``Vn``)."""
     B, M = block.Vn.shape
     init = torch.full((B,), _INF, dtype=block.sp.dtype, device=block.sp.device)
-    sp = block.sp.detach()
+    sp = values(block.sp)
     if block.pa is not None:
         min_pos = init.scatter_reduce(0, block.pa, sp, "amin")
     else:
         min_pos = sp.amin(1) if M else init
-    max_neg = block.Vn.detach().amax(1) if M else torch.full_like(init, -_INF)
+    max_neg = values(block.Vn).amax(1) if M else torch.full_like(init, -_INF)
     return Hardest(min_pos, max_neg)
 
 
@@ -355,7 +362,7 @@ def mine_below_(V: torch.Tensor, epsilon: Threshold, bound: torch.Tensor) -> tor
     way. Differentiable in place."""
     if torch.compiler.is_compiling():
         return V.masked_fill_((V + epsilon) <= bound, -_INF)
-    drop = torch.add(V.detach(), epsilon)
+    drop = torch.add(values(V), number(epsilon, V))
     return fill_where_(V, torch.le(drop, bound, out=drop), -_INF)
 
 
@@ -369,7 +376,7 @@ def fill_where_(V: torch.Tensor, drop: torch.Tensor, value: float) -> torch.Tens
     gives exactly ``value`` or the value itself. A NaN in ``V`` stays NaN where it is filled (the
     one difference from a masked fill). In place; differentiable (the gradient passes where the
     value is kept)."""
-    cap = drop.sub_(0.5).mul_(value)
+    cap = drop.sub_(number(0.5, drop)).mul_(number(value, drop))
     return V.clamp_max_(cap) if value < 0 else V.clamp_min_(cap)
 
 
@@ -506,13 +513,14 @@ def side_shift(side: Side, hard: torch.Tensor, kept: torch.Tensor, weighting: We
     """The :class:`Shift` of a side whose hardest similarity is ``hard`` (``(B,)``)."""
     lam = side.lam
     if not weighting.log_sum_exp:
-        return Shift(lam, torch.zeros_like(lam.detach()))
-    hard = hard.detach()
-    zmax = side.coef * (hard - lam.detach())
-    use = kept & (zmax > 0) if weighting.add_one else kept
+        return Shift(lam, torch.zeros_like(values(lam)))
+    hard = values(hard)
+    zmax = side.coef * (hard - values(lam))
+    zero = number(0.0, zmax)
+    use = kept & (zmax > zero) if weighting.add_one else kept
     if torch.is_grad_enabled() and lam.requires_grad:
         hard = hard + (lam - lam.detach())  # == hard exactly, and keeps the threshold's gradient
-    return Shift(torch.where(use, hard, lam), torch.where(use, zmax, 0.0))
+    return Shift(torch.where(use, hard, lam), torch.where(use, zmax, zero))
 
 
 class PairTerms(NamedTuple):
@@ -667,10 +675,10 @@ def side_finish(acc: torch.Tensor, shift: Shift, coef: Threshold, weighting: Wei
     if weighting.add_one:  # acc >= 1 whenever s > 0
         total = torch.exp(-s) + acc  # exp(-s) (1 + sum exp(z))
         lse = s + torch.log(total)
-        return SideLoss(lse / k, total.detach().reciprocal())  # exp(s - lse) = 1 / total
+        return SideLoss(lse / k, values(total).reciprocal())  # exp(s - lse) = 1 / total
     nonempty = acc > 0  # the hardest pair alone contributes exp(0) = 1
     lse = torch.where(nonempty, s + torch.log(torch.where(nonempty, acc, 1.0)), 0.0)
-    return SideLoss(lse / k, torch.exp(s - lse.detach()))
+    return SideLoss(lse / k, torch.exp(s - values(lse)))
 
 
 def weight_sum(
@@ -794,6 +802,27 @@ def _pair_of(first: Any, second: Any, like: torch.Tensor, shape: Tuple[int, ...]
     return constant(("pair", first, second, like.dtype, shape), like, make)
 
 
+_NUMBER_DTYPES = (torch.float32, torch.float64)  # dtypes whose ops round a Python number as a 0-d tensor
+
+
+def number(value: Threshold, like: torch.Tensor) -> Threshold:
+    """``value`` as the other operand of an elementwise operation on ``like``: eagerly on the
+    CPU, for ``like`` in float32 or float64, a 0-d tensor of ``like``'s dtype (a :func:`constant`,
+    read-only), else ``value`` itself. The same arithmetic: the operation rounds a Python number
+    to ``like``'s dtype (its compute type there), as the 0-d tensor holds it; half precision
+    computes with the number in float32, so it keeps the number. A Python number costs ~1.7 us
+    more an operator call on the CPU (it is wrapped in a double tensor and converted)."""
+    if (
+        isinstance(value, torch.Tensor)
+        or torch.compiler.is_compiling()
+        or not like.is_cpu
+        or like.dtype not in _NUMBER_DTYPES
+    ):
+        return value
+    v = float(value)
+    return constant(("number", v, like.dtype), like, lambda: torch.tensor(v, dtype=like.dtype))
+
+
 def arange(n: int, like: torch.Tensor) -> torch.Tensor:
     """``torch.arange(n)`` (long) on ``like``'s device; a :func:`constant` (read-only)."""
     return constant(("arange", n), like, lambda: torch.arange(n, device=like.device))
@@ -838,7 +867,7 @@ def signed_block(
         if own is not None:
             dropped |= own
         return _signed_values(S).masked_fill_(dropped, -_INF)
-    same = torch.eq(labels[:, None], ref_labels[None, :], out=S.new_empty((B, M)))
+    same = torch.eq(labels[:, None], ref_labels, out=S.new_empty((B, M)))
     caps = torch.mul(same.sub_(0.5), _pair_of(_INF, -_INF, S, (2, 1, 1)))  # +-inf: (same, other)
     U = _signed_values(S).clamp_max_(caps)
     if self_index is not None and M:
@@ -893,7 +922,7 @@ def signed_terms(
     ``(2, B)`` bool: sides the mining empties whatever their values (see
     :func:`nan_poisoned_sides`)."""
     if U.shape[-1]:
-        h = U.detach().amax(-1)
+        h = values(U).amax(-1)
     else:  # no references
         h = U.new_full(U.shape[:-1], -_INF)
     if epsilon is None:
@@ -902,7 +931,7 @@ def signed_terms(
         bound = -h.flip(0)  # each side's bound: the other side's hardest (min_pos, -max_neg)
         if keeps_none is not None:  # a bound no pair passes
             bound = bound.masked_fill(keeps_none, _INF)
-        kept = ~((h + epsilon) <= bound)
+        kept = ~((h + number(epsilon, h)) <= bound)
         U = mine_below_(U if inplace else U.clone(), epsilon, bound[..., None])
     if U.dtype != compute_dtype(U.dtype):  # exact: every half-precision value is a float32
         U, h = U.to(compute_dtype(U.dtype)), h.to(compute_dtype(U.dtype))

@@ -363,9 +363,14 @@ class _Problem(NamedTuple):
         """``x @ y_blk.T``, ``(B, cols)``; ``transposed``: computed as ``(y_blk @ x.T).T``, the
         block stored reference-major. With many more references than anchors that product is
         15-35% faster on the CPU (measured, B=256: M=4,096 1.15x, 16,384 1.2x, 65,536 1.36x;
-        square blocks ~1x); the block is used through its transposed view."""
+        square blocks ~1x); the block is used through its transposed view. Without ``out``, as
+        ``linear`` (the same product, without a transpose operator call)."""
         if self.transposed:
-            return torch.matmul(y_blk, self.x.T, out=None if out is None else out.T).T
+            if out is None:
+                return torch.nn.functional.linear(y_blk, self.x).T
+            return torch.matmul(y_blk, self.x.T, out=out.T).T
+        if out is None:
+            return torch.nn.functional.linear(self.x, y_blk)
         return torch.matmul(self.x, y_blk.T, out=out)
 
     def scale_columns_(self, A: torch.Tensor, c0: int) -> torch.Tensor:
@@ -1065,7 +1070,7 @@ def _stacked_grads(
     if needs[0] and x_norm is not None:
         S = kept[1]
         clamped = x_norm.clamp_min(NORM_EPS)
-        dot = (Gx * S).sum(1, keepdim=True).mul_(x_norm >= NORM_EPS)  # u . g (the clamp's rows: 0)
+        dot = (Gx * S).sum(1, keepdim=True).mul_(_unclamped(x_norm))  # u . g (the clamp's rows: 0)
         rows = (clamped, dot.div_(clamped))
     if problem.ref_scale is not None:  # d(S * ref_scale)/dS: the columns scaled (never in-batch)
         G.mul_(problem.ref_scale)
@@ -1172,11 +1177,17 @@ def unit_rows(x: torch.Tensor) -> UnitRows:
     return UnitRows(x / norm.clamp_min(NORM_EPS), norm)
 
 
+def _unclamped(norm: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``norm >= eps`` (the clamp of :func:`unit_rows` passes its input), else 0.0, in
+    ``norm``'s dtype: the comparison written as a float (a boolean factor costs a conversion)."""
+    return torch.ge(norm, _blocks.number(NORM_EPS, norm), out=torch.empty_like(norm))
+
+
 def unit_rows_backward(g: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """``dL/dx`` from ``g = dL/du`` for ``u = x / max(|x|, eps)`` (in place on ``g``):
     ``(g - u (u . g)) / |x|`` where ``|x| >= eps`` (the clamp passes its input there), else
     ``g / eps``: autograd's three nodes of ``normalize`` in one expression."""
-    dot = (unit * g).sum(1, keepdim=True).mul_(norm >= NORM_EPS)
+    dot = (unit * g).sum(1, keepdim=True).mul_(_unclamped(norm))
     return g.addcmul_(unit, dot, value=-1.0).div_(norm.clamp_min(NORM_EPS))
 
 
