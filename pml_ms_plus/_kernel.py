@@ -1062,9 +1062,13 @@ def _stacked_grads(
     by ``|x_i|`` scales ``G_x``'s rows before the product: ``(G_x / |x|) Y - u (u . g) / |x|``.
     Three ``(B, D)`` passes fewer (at B=128, D=512: 16,384 values a pass instead of 65,536)."""
     x, y = problem.x, problem.y
-    R = kept[0]
-    W = R * (a * _blocks.signed_pair(a))[..., None]  # (-w_pos, w_neg) times the upstream gradient
-    G = W.sum(0)
+    R_pos, R_neg = kept[0].unbind(0)
+    a_pos, a_neg = a[..., None].unbind(0)
+    w_pos, w_neg = R_pos * a_pos, R_neg * a_neg  # the pair weights times the upstream gradient
+    d_lp = d_ln = None
+    if needs[2] or needs[3]:  # dL/dlam_pos = +sum w_pos, dL/dlam_neg = -sum w_neg
+        d_lp, d_ln = w_pos.sum(-1), w_neg.sum(-1).neg_()
+    G = w_neg.sub_(w_pos)  # (two products and a difference: cheaper than a stacked product and sum)
     Gx = G + G.T if same and needs[0] else G  # dL/du = Gx @ (x if same else y), columns scaled
     rows = None  # with the normalisation: the scale of Gx's rows and u's coefficients
     if needs[0] and x_norm is not None:
@@ -1082,9 +1086,6 @@ def _stacked_grads(
             dx.addcmul_(x, rows[1], value=-1.0)
     if needs[1] and not same:
         dy = G.T @ x
-    d_lp = d_ln = None
-    if needs[2] or needs[3]:  # dL/dlam_pos = +sum w_pos, dL/dlam_neg = -sum w_neg
-        d_lp, d_ln = W.sum(-1).neg_().unbind(0)
     return dx, dy, d_lp if needs[2] else None, d_ln if needs[3] else None, *(None,) * 7
 
 
