@@ -955,7 +955,7 @@ class _FusedMS(torch.autograd.Function):
             return (*grads, *(None,) * 7)
         if cfg.stacked:  # one saved block, both sides in it; saved[7]: the weights' scales
             with _autocast_off(x.device.type):
-                a = (g if g.dtype == x.dtype else g.to(x.dtype)) * saved[7]
+                a = _blocks.cast(g, x.dtype) * saved[7]
                 return _stacked_grads(problem, kept_saved, a, needs, same, x_norm)
         state = _State.unpack(saved[7])
         scale_p, scale_n = state.scale
@@ -966,7 +966,7 @@ class _FusedMS(torch.autograd.Function):
             kept = ctx.kept
             ctx.kept = []  # consumed: a second backward (retain_graph) recomputes the blocks
         with _autocast_off(x.device.type):
-            g = g.to(x.dtype)
+            g = _blocks.cast(g, x.dtype)
             n_blocks = len(problem.starts(cfg.cols))
             if cfg.one_pass or len(kept) < n_blocks:  # what recomputing a block (below) needs
                 hard, shifts = state.hardest(), state.shifts()
@@ -1251,8 +1251,8 @@ def ms_terms_fused(
     # in-batch: the anchors are the references (references normalised in the kernel are not
     # differentiable, so they never take this path)
     same_refs = y is x and ref_norm_p is None
-    x = x.to(dtype)
-    y = x if same_refs else y.to(dtype)
+    x = _blocks.cast(x, dtype)
+    y = x if same_refs else _blocks.cast(y, dtype)
     B = x.shape[0]
     if B == 0 or y.shape[0] == 0:  # no pairs: zero losses that still backpropagate
         zero = x.sum(1) * 0 + y.sum() * 0
@@ -1281,7 +1281,7 @@ def ms_terms_fused(
     ref_scale = _inverse_norms(y, ref_norm_p)
     refs = None if same_refs else y  # None: the anchors themselves (one gradient product, see backward)
     x, lp, ln, labels, ref_labels, self_index = _distinct(
-        x, lam_pos.to(dtype), lam_neg.to(dtype), labels, ref_labels, self_index
+        x, _blocks.cast(lam_pos, dtype), _blocks.cast(lam_neg, dtype), labels, ref_labels, self_index
     )
     x_unit, x_norm = (None, None) if anchor_units is None else anchor_units
     out = _apply_fused(x, refs, lp, ln, labels, ref_labels, self_index, cfg, ref_scale, x_unit, x_norm)

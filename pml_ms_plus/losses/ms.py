@@ -327,7 +327,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         d = self.distance
         embeddings, ref_emb = problem.anchors, problem.references
         dtype = _blocks.compute_dtype(embeddings.dtype)
-        x = embeddings.to(dtype)
+        x = _blocks.cast(embeddings, dtype)
         # the anchors' 2-normalisation inside the kernel (closed-form backward); other p: PML's
         units = _kernel.unit_rows(x) if d.normalize_embeddings and d.p == 2 else None
         if units is None:
