@@ -261,6 +261,23 @@ PML_MINERS = {
 }
 
 
+def callers_tuple(theirs, y, step, form, device):
+    """A caller's own tuple for the batch ``y`` of step ``step`` (0, 1, ...), in memory indices
+    after PML's memory ``theirs`` enqueues it: six anchors, each with a positive and a
+    negative slot; ``form`` ``"pairs"`` or ``"triplets"``."""
+    n = min(MEMORY, (step + 1) * BATCH)
+    g = torch.Generator().manual_seed(step)
+    a = torch.randint(0, BATCH, (6,), generator=g).to(device)
+    mem_y = theirs.label_memory.clone()
+    idx = (theirs.queue_idx + torch.arange(BATCH, device=device)) % MEMORY
+    mem_y[idx] = y
+    cand = torch.randint(0, n, (6, 40), generator=g).to(device)
+    same = mem_y[cand] == y[a, None]
+    p = cand[torch.arange(6), same.float().argmax(1)]
+    q = cand[torch.arange(6), (~same).float().argmax(1)]
+    return (a, p, a, q) if form == "pairs" else (a, p, q)
+
+
 @pytest.mark.parametrize("miner", list(PML_MINERS))
 @pytest.mark.parametrize("extra", [None, "pairs", "triplets"])
 def test_explicit_miner_keeps_pmls_order(device, miner, extra):
@@ -276,19 +293,7 @@ def test_explicit_miner_keeps_pmls_order(device, miner, extra):
             y[0] = 99
             with torch.no_grad():  # and close to some negatives, so the miners pick triplets
                 x[0] = x[1] + 0.05 * x[2]
-        tup = None
-        if extra is not None:  # the caller's own tuple, in memory indices (after enqueueing)
-            n = min(MEMORY, (step + 1) * BATCH)
-            g = torch.Generator().manual_seed(step)
-            a = torch.randint(0, BATCH, (6,), generator=g).to(device)
-            mem_y = theirs.label_memory.clone()
-            idx = (theirs.queue_idx + torch.arange(BATCH, device=device)) % MEMORY
-            mem_y[idx] = y
-            cand = torch.randint(0, n, (6, 40), generator=g).to(device)
-            same = mem_y[cand] == y[a, None]
-            p = cand[torch.arange(6), same.float().argmax(1)]
-            q = cand[torch.arange(6), (~same).float().argmax(1)]
-            tup = (a, p, a, q) if extra == "pairs" else (a, p, q)
+        tup = None if extra is None else callers_tuple(theirs, y, step, extra, device)
         a_val = ours(x, y, tup)
         (ga,) = torch.autograd.grad(a_val, x)
         b_val = theirs(x, y, tup)
@@ -435,6 +440,23 @@ def _bad_memory_state(good, case):
         bad["iteration"] = torch.tensor(-1)
         bad["label_memory"] = torch.zeros_like(bad["label_memory"])
     return bad
+
+
+@pytest.mark.parametrize("form", ["pairs", "triplets"])
+def test_a_callers_tuple_joins_the_fused_mining_as_pmls_tuple_joins_its_miner(device, form):
+    """``MSLoss(epsilon)`` in the memory is its own miner; a caller's ``indices_tuple`` is
+    appended to the pairs its mining keeps, as PML appends it to its miner's (before, the tuple
+    turned the mining off: the loss was PML's over all pairs and the tuple, unmined)."""
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device).double()
+    theirs = pml_memory(device, torch.float64)
+    for step, (x, y, _) in enumerate(steps(device, torch.float64, n_steps=4)):
+        tup = callers_tuple(theirs, y, step, form, device)
+        a_val = ours(x, y, tup)
+        (ga,) = torch.autograd.grad(a_val, x)
+        b_val = theirs(x, y, tup)
+        (gb,) = torch.autograd.grad(b_val, x)
+        torch.testing.assert_close(a_val, b_val, **tol(torch.float64))
+        torch.testing.assert_close(ga, gb, **tol(torch.float64))
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,10 @@ class AdaptiveMSLoss(MultiSimilarityLoss):
     * ``margin_mode="anchor"``: ``lambda_i = (mean similarity to its positives
       + mean similarity to its negatives) / 2`` over all its valid pairs before
       mining, with no gradient through ``lambda_i``; an anchor without positives
-      or without negatives uses ``base``.
+      or without negatives uses ``base``. With an ``indices_tuple`` its pairs are
+      the valid ones: a miner's tuple gives centres of the mined pairs, so
+      ``AdaptiveMSLoss(epsilon=e)(x, y)`` and ``AdaptiveMSLoss()(x, y,
+      MultiSimilarityMiner(e)(x, y))`` differ (for ``MSLoss`` they agree).
     * ``margin_mode="learned"``: one threshold per class, the parameter
       ``thresholds`` of shape ``(num_classes,)`` initialised to ``base``;
       anchor ``i`` uses its class's. Train it with a separate loss optimizer

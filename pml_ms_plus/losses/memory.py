@@ -81,7 +81,9 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     loss run on the ``batch x memory`` similarity block directly (no index
     tuples), in blocks of ``loss.chunk_size`` references: extra memory stays
     at a few ``(batch, chunk)`` float32 tensors (about 100 MB with the default
-    chunk) whatever ``memory_size`` is.
+    chunk) whatever ``memory_size`` is. Given an ``indices_tuple`` there, the
+    loss's mining plays PML's miner: the tuple is appended to the pairs it
+    keeps (:meth:`MSLoss.mined_pairs`), as PML appends it to its miner's.
 
     Differences from PML, by design:
 
@@ -91,7 +93,8 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
       ``1 - epsilon``; here that anchor has no pairs. With a ``miner`` given,
       PML's order (mine, then drop self pairs) is kept for exact parity.
     * ``start_iteration=K``: for the first K calls the loss is the in-batch loss
-      ``loss(embeddings, labels)`` (the memory still fills); after that it is
+      ``loss(embeddings, labels)`` (the memory still fills; an ``indices_tuple``,
+      whose references are memory slots, is not used then); after that it is
       ``batch_weight * in_batch + memory_weight * memory_loss``. The XBM paper
       uses ``batch_weight=1, memory_weight=1, start_iteration=1000``; the
       defaults reproduce PML (memory loss only, from the first call).
@@ -376,9 +379,14 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     ) -> Tuple[torch.Tensor, ...]:
         """The tuple PML's ``CrossBatchMemory`` builds, in PML's order: the miner's tuple
         (or all pairs), then self comparisons dropped (a whole triplet whose positive
-        is the anchor's own copy), then the caller's tuple appended in the same form."""
+        is the anchor's own copy), then the caller's tuple appended in the same form.
+        Without a miner, a loss with ``epsilon`` is the miner: the pairs its own mining keeps
+        (own copies dropped first, as without a tuple; :meth:`MSLoss.mined_pairs`)."""
         if self.miner is not None:
             tup = self.miner(anchors, labels, E_mem, L_mem)
+        elif self.loss.epsilon is not None:
+            problem = MSProblem(anchors, labels, E_mem, L_mem, self_index, references_checked=True)
+            tup = tuple(self.loss.mined_pairs(problem))
         else:
             tup = lmu.get_all_pairs_indices(labels, L_mem)
         if remove_self:

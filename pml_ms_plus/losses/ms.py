@@ -435,6 +435,22 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             self.mean_neg_weight = float(terms.neg_weight_sum.sum()) / max(1, n_neg)
 
     @torch.no_grad()
+    def mined_pairs(self, problem: MSProblem) -> _blocks.MinedPairs:
+        """The pairs the hard-pair rule (``epsilon``) keeps in a problem of label-defined
+        pairs, as PML's ``(a1, p, a2, n)``: the pairs ``forward`` mines inside (each anchor's
+        own copy dropped first), as an index tuple. For wrappers that add pairs of their own
+        to the mined ones (``CrossBatchMemory`` given an ``indices_tuple``).
+
+        Raises:
+            ValueError: without ``epsilon``, or for a problem with explicit pairs.
+        """
+        if self.epsilon is None or problem.pairs is not None:
+            raise ValueError("mined_pairs needs epsilon and a problem of label-defined pairs")
+        sims = self._dense_block(problem)
+        block = _blocks.block_from_masks(sims.S.detach(), sims.pos, sims.neg)
+        return _blocks.mined_pairs(block, self.epsilon, similarity=self.distance.is_inverted)
+
+    @torch.no_grad()
     def pair_weights(
         self,
         embeddings: torch.Tensor,
