@@ -459,6 +459,33 @@ def test_a_callers_tuple_joins_the_fused_mining_as_pmls_tuple_joins_its_miner(de
         torch.testing.assert_close(ga, gb, **tol(torch.float64))
 
 
+@pytest.mark.parametrize("refused", [False, True], ids=["loaded", "refused"])
+def test_a_checkpoint_loaded_before_the_backward_leaves_that_backward_as_it_was(device, refused):
+    """``load_state_dict`` between a call and its backward: the backward still sees the memory
+    the call read (before, any load, even a refused one, wrote into the buffers the call's
+    graph had saved, and autograd refused that backward), and the memory then holds the
+    checkpoint (or, refused, what it held)."""
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device)
+    (x0, y0, _), (x1, y1, _) = steps(device, torch.float32, n_steps=2)
+    ours(x0, y0)
+    checkpoint = copy.deepcopy(ours.state_dict())
+    if refused:
+        checkpoint["label_memory"] = checkpoint["label_memory"][:-1]
+    (expected,) = torch.autograd.grad(copy.deepcopy(ours)(x1, y1), x1)
+    loss = ours(x1, y1)
+    after_call = copy.deepcopy(ours.state_dict())
+    if refused:
+        with pytest.raises(RuntimeError, match="label_memory has shape"):
+            ours.load_state_dict(checkpoint)
+    else:
+        ours.load_state_dict(checkpoint)
+    (grad,) = torch.autograd.grad(loss, x1)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    held = after_call if refused else checkpoint
+    for key, value in ours.state_dict().items():
+        assert torch.equal(held[key], value), key
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

@@ -252,13 +252,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             # PML's memory takes the embeddings' dtype; this one float32 or wider (half precision and
             # autocast keep a float32 memory): a new tensor, so a graph holding the old one keeps it
             self.register_buffer("embedding_memory", self.embedding_memory.to(stored))
-        if self._use is not None and self._use.in_use():
-            # an earlier call's graph may still read the buffers (two calls, one backward:
-            # gradient accumulation; or a backward with retain_graph=True): it keeps them as they
-            # were, the writes go to copies
-            self.register_buffer("embedding_memory", self.embedding_memory.clone())
-            self.register_buffer("label_memory", self.label_memory.clone())
-        self._use = None
+        self._release_buffers()
         self.curr_batch_idx = (
             torch.arange(start, start + n, device=self.embedding_memory.device) % self.memory_size
         )
@@ -267,6 +261,16 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         if start + n >= self.memory_size:
             self.has_been_filled = True
         self.queue_idx = (start + n) % self.memory_size
+
+    def _release_buffers(self) -> None:
+        """Before the buffers are written in place (enqueueing, loading a state): if an earlier
+        call's graph may still read them (two calls, one backward: gradient accumulation; a
+        backward with ``retain_graph=True``; a backward after a ``load_state_dict``), it keeps
+        them as they were and the writes go to copies."""
+        if self._use is not None and self._use.in_use():
+            self.register_buffer("embedding_memory", self.embedding_memory.clone())
+            self.register_buffer("label_memory", self.label_memory.clone())
+        self._use = None
 
     # ----------------------------------------------------------------- forward
     def forward(
@@ -521,8 +525,10 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         are replaced by their current values (so nothing of them changes: torch would copy the
         well-formed ones before raising) and the problem is reported (``load_state_dict``
         raises). The host copy of the position, fill flag and counter is re-read from the
-        buffers after any load."""
+        buffers after any load. A graph still waiting for its backward keeps the buffers it
+        read (the load, even a refused one, writes in place: into copies then)."""
         module._host = None
+        module._release_buffers()
         problems = module._state_problems(state_dict, prefix)
         stored = state_dict.get(prefix + "embedding_memory")
         if not problems and torch.is_tensor(stored) and stored.is_floating_point():
