@@ -47,10 +47,14 @@ def embeddings_and_labels(
     name: str = "embeddings",
     labels_name: str = "labels",
 ) -> None:
-    """Shape, length and finiteness checks for one embeddings/labels pair."""
+    """Shape, dtype, length and finiteness checks for one embeddings/labels pair."""
     if not torch.is_tensor(embeddings) or embeddings.ndim != 2:
         shape = tuple(embeddings.shape) if torch.is_tensor(embeddings) else type(embeddings).__name__
         raise ValueError(f"{name} must be a 2D tensor (batch_size, embedding_size), got {shape}")
+    if not embeddings.is_floating_point():  # integer, bool, complex: no similarity gradient
+        raise ValueError(
+            f"{name} must be a floating-point tensor, got dtype {embeddings.dtype}; convert with {name}.float()"
+        )
     if labels is not None:
         if not torch.is_tensor(labels) or labels.ndim != 1:
             shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__

@@ -1,5 +1,6 @@
 """MSLoss against PML's MultiSimilarityLoss, hand-written loops, and bad input."""
 
+import copy
 import math
 
 import pytest
@@ -769,6 +770,28 @@ def test_floating_point_labels_are_refused_everywhere(device, label_dtype):
     ):
         with pytest.raises(ValueError, match="integer or bool tensor"):
             call()
+
+
+@pytest.mark.parametrize("emb_dtype", [torch.int64, torch.bool, torch.complex64], ids=str)
+def test_embeddings_that_are_not_floating_point_are_refused_everywhere(device, emb_dtype):
+    """Integer, bool and complex embeddings: a ValueError naming the dtype, from the losses
+    and the memory alike (before, the losses raised torch's own errors, and the memory cast
+    them to float32, enqueued them and computed a loss)."""
+    x, y = make_batch(23, n=8, dim=4, device=device)
+    xi = (x.detach() * 4).to(emb_dtype)
+    memory = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), 4, memory_size=16).to(device)
+    before = copy.deepcopy(memory.state_dict())
+    for call in (
+        lambda: losses.MSLoss()(xi, y),
+        lambda: losses.MSLoss(epsilon=0.1)(xi, y),
+        lambda: losses.MSLoss(epsilon=0.1)(x, y, None, xi, y),
+        lambda: losses.AdaptiveMSLoss()(xi, y),
+        lambda: memory(xi, y),
+    ):
+        with pytest.raises(ValueError, match=f"must be a floating-point tensor, got dtype {emb_dtype}"):
+            call()
+    for key, value in memory.state_dict().items():
+        assert torch.equal(before[key], value), key
 
 
 def test_do_nothing_reducer_gives_pmls_shape(device):
