@@ -272,6 +272,38 @@ def test_no_pairs_gives_zero_that_backpropagates(device, case):
     assert x.grad is not None and torch.count_nonzero(x.grad) == 0
 
 
+@pytest.mark.parametrize("case", ["empty pair tuple", "empty triplet tuple", "mined away"])
+@pytest.mark.parametrize("dist", ["snr, a constant row", "lp in float16, a zero row"])
+def test_no_pairs_at_degenerate_rows_give_pmls_zero_gradient(device, dist, case):
+    """No pair at all, and a distance whose backward is not finite at one row (``SNRDistance``
+    of a constant row: variance 0; ``LpDistance`` normalising a zero row in float16: 0/0): PML
+    computes no distance and gives zero gradients; so does the loss now (before, it
+    backpropagated zero weights through the distance: NaN in every row)."""
+    if dist.startswith("snr"):
+        distance, dtype = pml_distances.SNRDistance, torch.float64
+        rows = [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [3.0, 1.0, 2.0], [2.0, 2.0, 2.0]]
+    else:
+        skip_if_half_unsupported(device, torch.float16)
+        distance, dtype = pml_distances.LpDistance, torch.float16
+        rows = [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [3.0, -1.0, 2.0], [2.0, 1.0, -2.0]]
+    x = torch.tensor(rows, dtype=dtype, device=device, requires_grad=True)
+    none = torch.zeros(0, dtype=torch.long, device=device)
+    y, tup, epsilon = torch.tensor([0, 0, 1, 1], device=device), None, None
+    if case == "mined away":  # no positives: PML's miner keeps no negative either
+        y, epsilon = torch.arange(4, device=device), 0.1
+        pairs = pml_miners.MultiSimilarityMiner(0.1, distance=distance())(x.detach(), y)
+        assert [len(t) for t in pairs] == [0, 0, 0, 0]
+    else:
+        tup = (none,) * (4 if case == "empty pair tuple" else 3)
+        pairs = tup
+    got = losses.MSLoss(epsilon=epsilon, distance=distance())(x, y, tup)
+    want = pml_losses.MultiSimilarityLoss(distance=distance())(x, y, pairs)
+    (g_got,) = torch.autograd.grad(got, x)
+    (g_want,) = torch.autograd.grad(want, x)
+    assert float(got.detach()) == float(want.detach()) == 0.0
+    assert torch.equal(g_got, g_want) and not g_got.any()
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -256,7 +256,11 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         if problem.num_anchors == 0 or problem.num_references == 0 or self._only_self_pair(problem):
             self._record(None)  # no pairs: PML's zero loss (no distance computed, as PML computes none)
             return self.zero_losses()
-        terms = self.terms(problem)
+        fused = self._use_fused(problem)
+        terms = self._fused_terms(problem) if fused else self._dense_terms(problem)
+        if not fused and self._kept_no_pair(problem, terms):
+            self._record(None)  # PML's zero loss, the graph through the distance dropped
+            return self.zero_losses()
         self._record(terms)
         losses = terms.losses
         if losses.dtype != problem.anchors.dtype:  # the compute dtype of half-precision anchors
@@ -270,6 +274,18 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
                 "reduction_type": "element",
             }
         }
+
+    def _kept_no_pair(self, problem: MSProblem, terms: F_ms.MSTerms) -> bool:
+        """Whether the dense path kept no pair at all: explicit pairs, none of them (an empty
+        tuple, a miner that kept nothing), or a mining that dropped every pair. PML computes
+        no distance then, and the loss must not reach it here either: a distance's backward
+        at degenerate rows (``SNRDistance`` of a constant row, a zero row normalised in half
+        precision) is ``0 * inf = NaN`` even for zero weights. One host read, made only where
+        the pairs are explicit or mined (label-defined pairs are never all missing once
+        :meth:`_only_self_pair` is ruled out); the fused path's closed-form backward is finite."""
+        if problem.pairs is None and self.epsilon is None:
+            return False
+        return not bool((terms.num_pos.sum() + terms.num_neg.sum()) > 0)
 
     @staticmethod
     def _only_self_pair(problem: MSProblem) -> bool:
