@@ -415,6 +415,15 @@ GOOD_ROW = "raw,0,abc,0.5,0.5,0.5,0.5,0.1,[]\n"
         ("raw,zero,abc,0.5,0.5,0.5,0.5,0.1,[]\n", "line 3: seed is not an integer >= 0: 'zero'"),
         ('raw,0,abc,0.5,0.5,0.5,0.5,0.1,"[1, 2"\n', "line 3: losses is not a JSON list of numbers"),
         ('raw,0,abc,0.5,0.5,0.5,0.5,0.1,"{}"\n', "line 3: losses is not a JSON list of numbers"),
+        # accepted before: a run counted twice (summary.md said 3 seeds for 2), impossible values
+        (GOOD_ROW, "line 3: a second row of run 'raw' / seed 0 (config abc), first on line 2"),
+        (
+            "raw,1,abc,-7,0.5,0.5,0.5,0.1,[]\n",
+            "line 3: mean_average_precision_at_r is not a fraction in [0, 1]",
+        ),
+        ("raw,1,abc,0.5,0.5,0.5,inf,0.1,[]\n", "line 3: NMI is not a fraction in [0, 1]: 'inf'"),
+        ("raw,1,abc,0.5,0.5,0.5,0.5,inf,[]\n", "line 3: train_seconds is not a finite number >= 0: 'inf'"),
+        ("raw,1,abc,0.5,0.5,0.5,0.5,-1,[]\n", "line 3: train_seconds is not a finite number >= 0: '-1'"),
     ],
 )
 def test_malformed_results_csv_exits_2_with_line(tmp_path, capsys, bad_row, message):
@@ -486,6 +495,9 @@ NEW_HEADER = ",".join(
     [
         ("raw,0,abc,0.5,0.5\n", "line 2: 5 fields, expected 15"),
         ("raw,0,abc,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,x,0.1,[],[]\n", "line 2: epoch is not a number: 'x'"),
+        # a fractional epoch was rewritten as an integer, a negative one kept
+        ("raw,0,abc,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,1.5,0.1,[],[]\n", "line 2: epoch is not an integer >= 0"),
+        ("raw,0,abc,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,-2,0.1,[],[]\n", "line 2: epoch is not an integer >= 0"),
         (
             'raw,0,abc,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0,0.1,[],"[1]"\n',
             "line 2: evaluations is not a JSON list",
@@ -572,6 +584,39 @@ def test_an_unreadable_checkpoint_stops_resume_with_exit_2_and_its_name(tmp_path
     assert "delete it to restart that run" in line and ckpt.exists()
 
 
+@pytest.mark.parametrize("drop", ["rng", "model"])
+def test_a_checkpoint_that_loads_but_is_not_one_stops_resume_with_exit_2(tmp_path, monkeypatch, capsys, drop):
+    """A file that torch loads but that lacks a checkpoint's entries (another format, another
+    tool's file): the error line names it, exit 2, the file left (was a KeyError traceback)."""
+    import torch
+
+    from pml_ms_plus.ablation import checkpoint
+
+    config = write(tmp_path, "c.toml", STUDY.replace("epochs = 1", "epochs = 2") + MS_VARIANT)
+    out = tmp_path / "out"
+    base = ["ablate", "--config", config, "--dataset", tiny_npz(tmp_path), "--out", str(out)]
+    save = checkpoint.save
+
+    def save_then_die(file, state):
+        save(file, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    assert cli.main(base) == 130
+    monkeypatch.setattr(checkpoint, "save", save)
+    (name,) = checkpoint.existing(str(out))
+    ckpt = out / "checkpoints" / name
+    state = torch.load(ckpt, weights_only=True)
+    del state[drop]
+    torch.save(state, ckpt)
+    capsys.readouterr()
+    assert cli.main(base + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("pml-ms-plus: error:")]
+    assert "Traceback" not in err and f"cannot resume from checkpoint {ckpt}" in line
+    assert f"KeyError: '{drop}'" in line and "delete it to restart that run" in line and ckpt.exists()
+
+
 def test_the_lock_reads_results_again_and_a_file_system_without_locks_runs_unlocked(
     tmp_path, monkeypatch, capsys
 ):
@@ -624,11 +669,16 @@ def test_resume_notices_a_changed_npz(tmp_path, capsys):
     assert first in rows
 
 
-def test_toy_run_interrupted_after_an_epoch_resumes_with_the_same_numbers(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("name", ["a", ".tmp-a"])
+def test_toy_run_interrupted_after_an_epoch_resumes_with_the_same_numbers(
+    tmp_path, monkeypatch, capsys, name
+):
+    """Also for a variant whose name starts like a temporary file: its checkpoint was taken for
+    a stray temporary file, deleted, and the run started again from epoch 0."""
     from pml_ms_plus.ablation import checkpoint
 
     npz = tiny_npz(tmp_path)
-    text = STUDY.replace("epochs = 1", "epochs = 3") + MS_VARIANT
+    text = STUDY.replace("epochs = 1", "epochs = 3") + MS_VARIANT.replace('"a"', f'"{name}"')
     config = write(tmp_path, "c.toml", text)
     base = ["ablate", "--config", config, "--dataset", npz]
     assert cli.main(base + ["--out", str(tmp_path / "whole")]) == 0

@@ -28,7 +28,8 @@ def directory(out: str) -> str:
 
 
 def path(out: str, variant: str, seed: int, config_hash: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", variant).strip("_")[:40] or "variant"
+    # no leading dot: a name such as ".tmp-x" would look like a temporary file (or a hidden one)
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", variant).lstrip("._").rstrip("_")[:40] or "variant"
     tag = hashlib.sha1(variant.encode()).hexdigest()[:6]  # names that slug alike stay apart
     return os.path.join(directory(out), f"{slug}-{tag}-seed{seed}-{config_hash}.pt")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import stats
 from .metrics import METRICS
@@ -101,6 +102,15 @@ def _number(value: str, field: str) -> Optional[float]:
         raise ValueError(f"{field} is not a number: {value!r}") from None
 
 
+def _fraction(value: str, field: str) -> Optional[float]:
+    """A metric: a fraction in ``[0, 1]``, or NaN (a metric with no query to count, as the
+    evaluation writes it)."""
+    number = _number(value, field)
+    if number is not None and not math.isnan(number) and not 0.0 <= number <= 1.0:
+        raise ValueError(f"{field} is not a fraction in [0, 1]: {value!r}")
+    return number
+
+
 def _json_list(value: str, field: str, item: Any) -> list:
     try:
         out = json.loads(value)
@@ -133,10 +143,16 @@ def _parse_row(r: Dict, fields: List[str]) -> Dict:
     if not (seed.isascii() and seed.isdigit()):
         raise ValueError(f"seed is not an integer >= 0: {seed!r}")
     row: Dict = {"variant": r["variant"], "seed": int(seed), "config_hash": r["config_hash"]}
-    row.update({m: _number(r.get(m, ""), m) for m in METRICS})
+    row.update({m: _fraction(r.get(m, ""), m) for m in METRICS})
     epoch = _number(r.get("epoch", ""), "epoch")
+    if epoch is not None and not (epoch >= 0 and epoch == int(epoch)):
+        raise ValueError(f"epoch is not an integer >= 0: {r['epoch']!r}")
     row["epoch"] = None if epoch is None else int(epoch)
     row["train_seconds"] = _number(r["train_seconds"], "train_seconds")
+    if row["train_seconds"] is not None and not (
+        math.isfinite(row["train_seconds"]) and row["train_seconds"] >= 0
+    ):
+        raise ValueError(f"train_seconds is not a finite number >= 0: {r['train_seconds']!r}")
     row["losses"] = _json_list(r["losses"], "losses", _is_number)
     row["evaluations"] = _json_list(r.get("evaluations", "[]"), "evaluations", _is_evaluation)
     return row
@@ -152,12 +168,21 @@ def read_csv(path: str) -> List[Dict]:
             if fields not in (CSV_FIELDS, LEGACY_FIELDS):
                 raise ResultsError(f"{path} is not a results file of this tool (columns {fields})")
             rows = []
+            first_line: Dict[Tuple[str, int, str], int] = {}  # each run once: (variant, seed, config)
             for r in reader:
                 line = reader.line_num
                 try:
-                    rows.append(_parse_row(r, fields))
+                    row = _parse_row(r, fields)
                 except ValueError as exc:
                     raise ResultsError(f"{path}, line {line}: {exc}") from None
+                key = (row["variant"], row["seed"], row["config_hash"])
+                if key in first_line:
+                    raise ResultsError(
+                        f"{path}, line {line}: a second row of run {key[0]!r} / seed {key[1]} (config "
+                        f"{key[2]}), first on line {first_line[key]}"
+                    )
+                first_line[key] = line
+                rows.append(row)
     except csv.Error as exc:
         raise ResultsError(f"{path}, line {line + 1}: {exc}") from None
     except UnicodeDecodeError as exc:

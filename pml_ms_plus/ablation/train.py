@@ -408,19 +408,30 @@ def train(
     state = checkpoint.load(ctx.checkpoint) if ctx.resume and ctx.checkpoint and main else None
     state = ddp.broadcast(state, dist)  # rank 0's file (other machines need not see it)
     if state is not None:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loss_state.load_state_dict(state["loss"])
-        for k, v in state["loss_attrs"].items():
-            setattr(loss_state, k, v)
-        if loss_optimizer is not None:
-            loss_optimizer.load_state_dict(state["loss_optimizer"])
-        if scaler is not None:
-            scaler.load_state_dict(state["scaler"])
-        batches.load_state_dict(state["batches"])
-        checkpoint.set_rng_state(state["rng"])
-        first, losses, evaluations = state["epoch"], list(state["losses"]), list(state["evaluations"])
+        try:
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            loss_state.load_state_dict(state["loss"])
+            for k, v in state["loss_attrs"].items():
+                setattr(loss_state, k, v)
+            if loss_optimizer is not None:
+                loss_optimizer.load_state_dict(state["loss_optimizer"])
+            if scaler is not None:
+                scaler.load_state_dict(state["scaler"])
+            batches.load_state_dict(state["batches"])
+            checkpoint.set_rng_state(state["rng"])
+            first, losses, evaluations = (
+                int(state["epoch"]),
+                list(state["losses"]),
+                list(state["evaluations"]),
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+            # a file that loads but is not a checkpoint of this run (another tool's, an older format)
+            raise checkpoint.CheckpointError(
+                f"cannot resume from checkpoint {ctx.checkpoint}: it is not one of this tool's for this run "
+                f"({type(exc).__name__}: {exc}); delete it to restart that run"
+            ) from None
         ctx.log(f"resuming {variant.name} / seed {seed} from its checkpoint after epoch {first}/{epochs}")
     world = dist.world_size if dist is not None else 1
     if ctx.on_start:
