@@ -188,6 +188,23 @@ LATE_FAILURES = {
         "'os' is a module, not a package",
     ),
     "loss_bare": (STUDY + '[[variant]]\nname = "a"\nloss = "this"\n', "is not an import path"),
+    # keyword arguments of the wrong type that PML's constructors take: the floor variant had run
+    # and written every result file, then the first training step raised (exit 1, a traceback)
+    "loss_kwargs_wrong_type": (
+        STUDY + '[[variant]]\nname = "floor"\nkind = "raw"\n'
+        '[[variant]]\nname = "a"\nloss = "pytorch_metric_learning.losses.MultiSimilarityLoss"\n'
+        'loss_kwargs = { alpha = "two" }\n',
+        "variant 'a': its loss failed on a batch of 32 random embeddings: TypeError",
+    ),
+    "miner_kwargs_wrong_type": (
+        STUDY + MS_VARIANT + 'miner = "pytorch_metric_learning.miners.MultiSimilarityMiner"\n'
+        'miner_kwargs = { epsilon = "a" }\n',
+        "variant 'a': its miner and loss failed on a batch of 32 random embeddings: TypeError",
+    ),
+    "too_many_seeds": (  # passed, created --out, then hung building the list of runs
+        STUDY.replace("seeds = 1", "seeds = 1000000000000") + MS_VARIANT,
+        "'seeds' must be at most 10,000, got 1,000,000,000,000",
+    ),
 }
 
 
@@ -200,6 +217,7 @@ LATE_FAILURES = {
         ("npz_mismatch", "'x' has 30 rows but 'y' has 29 labels"),
         ("one_train_class", "at least 2 training classes"),
         ("bad_toml", "cannot read config"),
+        ("config_not_utf8", "it is not UTF-8 text"),  # was a decoder message naming no file
         ("missing_config", "config file not found"),
         ("bad_import", "cannot import module 'not_a_module'"),
         ("bad_attribute", "has no 'NoSuchLoss'"),
@@ -241,6 +259,10 @@ def test_bad_input_exits_2_and_touches_nothing(tmp_path, capfd, case, message):
         ]
     elif case == "bad_toml":
         args += ["--config", write(tmp_path, "c.toml", "[study\nseeds = ")]
+    elif case == "config_not_utf8":
+        path = tmp_path / "c.toml"
+        path.write_bytes('[[variant]]\nname = "café"\nkind = "raw"\n'.encode("latin-1"))
+        args += ["--config", str(path)]
     elif case == "missing_config":
         args += ["--config", str(tmp_path / "none.toml")]
     elif case == "bad_import":
@@ -617,6 +639,31 @@ def test_a_checkpoint_that_loads_but_is_not_one_stops_resume_with_exit_2(tmp_pat
     assert f"KeyError: '{drop}'" in line and "delete it to restart that run" in line and ckpt.exists()
 
 
+def test_ctrl_c_while_preparing_exits_130_with_the_message(tmp_path, monkeypatch, capsys):
+    """Interrupted before the first run (loading the data, checking the variants): the promised
+    line and exit 130, nothing written (was a KeyboardInterrupt traceback)."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "prepare", interrupted)
+    out = tmp_path / "out"
+    assert cli.main(["ablate", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "pml-ms-plus: interrupted before the first run started"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "inf", "nan", "soon"])
+def test_a_dist_timeout_that_is_not_a_positive_number_is_refused(tmp_path, value, capsys):
+    """Refused by the parser (a negative or infinite timeout was taken, and the study ran)."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["ablate", "--dist-timeout", value, "--seeds", "1", "--epochs", "1", "--out", str(out)])
+    assert exited.value.code == 2
+    assert "--dist-timeout" in capsys.readouterr().err and not out.exists()
+
+
 def test_the_lock_reads_results_again_and_a_file_system_without_locks_runs_unlocked(
     tmp_path, monkeypatch, capsys
 ):
@@ -692,7 +739,8 @@ def test_toy_run_interrupted_after_an_epoch_resumes_with_the_same_numbers(
     monkeypatch.setattr(checkpoint, "save", save_then_die)
     out = str(tmp_path / "out")
     assert cli.main(base + ["--out", out]) == 130
-    assert "add --resume to continue" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no run has finished yet" in err and "add --resume to continue" in err  # no results.csv yet
     monkeypatch.setattr(checkpoint, "save", save)
     assert cli.main(base + ["--out", out, "--resume"]) == 0
     assert "from its checkpoint after epoch 2/3" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import platform
 import sys
@@ -41,6 +42,17 @@ class Study:
     def is_main(self) -> bool:
         """The process that writes files and shows progress (the only one, or rank 0)."""
         return self.dist is None or self.dist.is_main
+
+
+def _positive_seconds(text: str) -> float:
+    """``--dist-timeout``'s type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument(
         "--dist-timeout",
         dest="dist_timeout",
-        type=float,
+        type=_positive_seconds,
         default=ddp.DEFAULT_TIMEOUT_S,
         metavar="SECONDS",
         help="under torchrun: how long a collective waits for the other ranks before the job fails "
@@ -226,7 +238,7 @@ def _prepare_here(args: argparse.Namespace, dist: Optional[ddp.Distributed]) -> 
         )
     if bs > len(data.train_y):
         raise ValueError(f"batch_size {bs} exceeds the {len(data.train_y)} training samples")
-    for v in variants:  # build every loss once: bad kwargs fail now, not mid-study
+    for v in variants:  # build every loss and run it once: bad kwargs fail now, not mid-study
         if v.kind == "train":
             loss, _ = cfg.build_loss(v, settings["embedding_size"], n_classes)
             size = getattr(loss, "memory_size", None)
@@ -234,6 +246,7 @@ def _prepare_here(args: argparse.Namespace, dist: Optional[ddp.Distributed]) -> 
                 raise ValueError(
                     f"variant {v.name!r} memory: memory_size={size} is smaller than batch_size={bs}"
                 )
+            cfg.check_on_a_batch(v, settings["embedding_size"], n_classes, bs, m)
     return Study(
         settings,
         variants,
@@ -631,11 +644,21 @@ def _main(args: argparse.Namespace, dist: Optional[ddp.Distributed]) -> int:
         if main_rank:
             print(f"pml-ms-plus: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # no run had started
+        if main_rank:
+            print("pml-ms-plus: interrupted before the first run started", file=sys.stderr)
+        return 130
     try:
         return _run(study)
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def _finished_runs(out: str) -> str:
+    """Where the finished runs are, for a message: ``out``'s ``results.csv``, if there is one yet."""
+    results = os.path.join(out, "results.csv")
+    return f"the finished runs are in {results}" if os.path.exists(results) else "no run has finished yet"
 
 
 def _run(study: Study) -> int:
@@ -662,7 +685,7 @@ def _run(study: Study) -> int:
         sys.stderr.flush()
         return 1
     except checkpoint.CheckpointError as exc:
-        print(f"pml-ms-plus: error: {exc}; the finished runs are in {study.out}/results.csv", file=sys.stderr)
+        print(f"pml-ms-plus: error: {exc}; {_finished_runs(study.out)}", file=sys.stderr)
         return 2
     except images.ImageDecodeError as exc:
         print(
@@ -674,8 +697,8 @@ def _run(study: Study) -> int:
         return 1
     except KeyboardInterrupt:
         print(
-            f"pml-ms-plus: interrupted; finished runs are in {study.out}/results.csv, the run in progress "
-            "is checkpointed after its last finished epoch: add --resume to continue",
+            f"pml-ms-plus: interrupted; {_finished_runs(study.out)}, the run in progress is checkpointed "
+            "after its last finished epoch: add --resume to continue",
             file=sys.stderr,
         )
         return 130

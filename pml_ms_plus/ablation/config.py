@@ -132,6 +132,8 @@ DEFAULT_VARIANTS: List[Variant] = [
     _v("PML Contrastive", "pytorch_metric_learning.losses.ContrastiveLoss"),
 ]
 
+MAX_SEEDS = 10_000  # runs per variant: more is a typo (the to-do list is built up front)
+
 _SETTING_TYPES: Dict[str, Any] = dict(
     dataset=str,
     data_root=(str, None),
@@ -222,6 +224,8 @@ def load_config(path: str) -> Tuple[Dict[str, Any], Optional[List["Variant"]]]:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read config {path}: it is not UTF-8 text ({exc})") from None
     unknown = set(raw) - {"study", "variant"}
     if unknown:
         raise ConfigError(
@@ -292,6 +296,8 @@ def resolve_settings(base: Dict[str, Any], *overrides: Dict[str, Any]) -> Dict[s
     for key in ("seeds", "epochs", "batch_size", "m", "embedding_size"):
         if settings[key] < 1:
             raise ConfigError(f"setting {key!r} must be >= 1, got {settings[key]}")
+    if settings["seeds"] > MAX_SEEDS:
+        raise ConfigError(f"setting 'seeds' must be at most {MAX_SEEDS:,}, got {settings['seeds']:,}")
     for key in ("lr", "loss_lr", "head_lr", "lr_gamma"):
         value = settings[key]
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -360,6 +366,44 @@ def check_variants(variants: List[Variant]) -> None:
 def build_loss(v: Variant, embedding_size: int, num_classes: int) -> Tuple[Any, Any]:
     """``(loss, miner)`` for a trained variant; the memory, if any, wraps the loss."""
     what = f"variant {v.name!r}"
+    loss, miner = _loss_and_miner(v, num_classes)
+    if v.memory:
+        cls = import_path(v.memory, f"{what} memory", "memory")
+        try:
+            loss = cls(loss, embedding_size, miner=miner, **v.memory_kwargs)
+        except Exception as exc:
+            raise ConfigError(f"{what} memory: {exc}") from None
+        miner = None
+    return loss, miner
+
+
+def check_on_a_batch(v: Variant, embedding_size: int, num_classes: int, batch_size: int, m: int) -> None:
+    """Run a trained variant's miner and loss once, forward and backward, on a batch shaped like
+    the study's (``batch_size`` random embeddings, ``m`` per class), so that keyword arguments a
+    constructor took without checking them (PML's losses accept ``alpha = "two"``) fail before
+    any training, as a :class:`ConfigError`. The memory, if any, is left out: it is checked when
+    built, and under torchrun its call would gather across the ranks."""
+    import torch
+
+    loss, miner = _loss_and_miner(v, num_classes)
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(batch_size, embedding_size, generator=g).requires_grad_(True)
+    labels = torch.arange(batch_size // m).repeat_interleave(m)
+    try:
+        pairs = miner(emb, labels) if miner is not None else None
+        value = loss(emb, labels, pairs) if pairs is not None else loss(emb, labels)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            value.backward()
+    except Exception as exc:
+        raise ConfigError(
+            f"variant {v.name!r}: its {'miner and ' if miner is not None else ''}loss failed on a batch of "
+            f"{batch_size} random embeddings: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _loss_and_miner(v: Variant, num_classes: int) -> Tuple[Any, Any]:
+    """The loss and the miner of a trained variant, as configured (no memory)."""
+    what = f"variant {v.name!r}"
     kwargs = copy.deepcopy(v.loss_kwargs)
     if kwargs.get("num_classes") == "auto":
         kwargs["num_classes"] = num_classes
@@ -380,13 +424,6 @@ def build_loss(v: Variant, embedding_size: int, num_classes: int) -> Tuple[Any, 
     miner = None
     if v.miner:
         miner = _construct(import_path(v.miner, f"{what} miner", "miner"), v.miner_kwargs, f"{what} miner")
-    if v.memory:
-        cls = import_path(v.memory, f"{what} memory", "memory")
-        try:
-            loss = cls(loss, embedding_size, miner=miner, **v.memory_kwargs)
-        except Exception as exc:
-            raise ConfigError(f"{what} memory: {exc}") from None
-        miner = None
     return loss, miner
 
 
