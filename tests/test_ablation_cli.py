@@ -578,9 +578,8 @@ def test_a_finished_runs_checkpoint_left_by_an_interrupt_is_removed_on_resume(tm
     assert sorted(os.listdir(tmp_path / "out")) == sorted(OUTPUTS)
 
 
-def test_an_unreadable_checkpoint_stops_resume_with_exit_2_and_its_name(tmp_path, monkeypatch, capsys):
-    """A truncated checkpoint: an error line naming the file and what to do, exit 2 (was a
-    traceback, exit 1); the file is left for the user to look at."""
+def interrupted_checkpoint(tmp_path, monkeypatch):
+    """A two-epoch toy run interrupted after its first epoch: ``(command, checkpoint path)``."""
     from pml_ms_plus.ablation import checkpoint
 
     config = write(tmp_path, "c.toml", STUDY.replace("epochs = 1", "epochs = 2") + MS_VARIANT)
@@ -596,47 +595,39 @@ def test_an_unreadable_checkpoint_stops_resume_with_exit_2_and_its_name(tmp_path
     assert cli.main(base) == 130
     monkeypatch.setattr(checkpoint, "save", save)
     (name,) = checkpoint.existing(str(out))
-    ckpt = out / "checkpoints" / name
-    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    return base, out / "checkpoints" / name
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncated", "cannot read checkpoint"),  # was a traceback, exit 1
+        # a file torch loads that lacks a checkpoint's entries (another format, another tool's
+        # file): was a KeyError traceback, exit 1
+        ("no rng", "KeyError: 'rng'"),
+        ("no model", "KeyError: 'model'"),
+    ],
+)
+def test_a_bad_checkpoint_stops_resume_with_exit_2_and_its_name(
+    tmp_path, monkeypatch, capsys, damage, message
+):
+    """An error line naming the file and what to do, exit 2; the file is left for the user to
+    look at."""
+    import torch
+
+    base, ckpt = interrupted_checkpoint(tmp_path, monkeypatch)
+    if damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:100])
+    else:
+        state = torch.load(ckpt, weights_only=True)
+        del state[damage.split()[1]]
+        torch.save(state, ckpt)
     capsys.readouterr()
     assert cli.main(base + ["--resume"]) == 2
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("pml-ms-plus: error:")]  # beside the progress bar
-    assert "Traceback" not in err and line.startswith("pml-ms-plus: error: cannot read checkpoint")
+    assert "Traceback" not in err and str(ckpt) in line and message in line
     assert "delete it to restart that run" in line and ckpt.exists()
-
-
-@pytest.mark.parametrize("drop", ["rng", "model"])
-def test_a_checkpoint_that_loads_but_is_not_one_stops_resume_with_exit_2(tmp_path, monkeypatch, capsys, drop):
-    """A file that torch loads but that lacks a checkpoint's entries (another format, another
-    tool's file): the error line names it, exit 2, the file left (was a KeyError traceback)."""
-    import torch
-
-    from pml_ms_plus.ablation import checkpoint
-
-    config = write(tmp_path, "c.toml", STUDY.replace("epochs = 1", "epochs = 2") + MS_VARIANT)
-    out = tmp_path / "out"
-    base = ["ablate", "--config", config, "--dataset", tiny_npz(tmp_path), "--out", str(out)]
-    save = checkpoint.save
-
-    def save_then_die(file, state):
-        save(file, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    assert cli.main(base) == 130
-    monkeypatch.setattr(checkpoint, "save", save)
-    (name,) = checkpoint.existing(str(out))
-    ckpt = out / "checkpoints" / name
-    state = torch.load(ckpt, weights_only=True)
-    del state[drop]
-    torch.save(state, ckpt)
-    capsys.readouterr()
-    assert cli.main(base + ["--resume"]) == 2
-    err = capsys.readouterr().err
-    (line,) = [x for x in err.splitlines() if x.startswith("pml-ms-plus: error:")]
-    assert "Traceback" not in err and f"cannot resume from checkpoint {ckpt}" in line
-    assert f"KeyError: '{drop}'" in line and "delete it to restart that run" in line and ckpt.exists()
 
 
 def test_ctrl_c_while_preparing_exits_130_with_the_message(tmp_path, monkeypatch, capsys):

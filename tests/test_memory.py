@@ -261,6 +261,16 @@ PML_MINERS = {
 }
 
 
+def assert_same_step(ours, theirs, x, y, tup):
+    """One call of both memories (float64) with the tuple ``tup``: the same loss and gradient."""
+    a_val = ours(x, y, tup)
+    (ga,) = torch.autograd.grad(a_val, x)
+    b_val = theirs(x, y, tup)
+    (gb,) = torch.autograd.grad(b_val, x)
+    torch.testing.assert_close(a_val, b_val, **tol(torch.float64))
+    torch.testing.assert_close(ga, gb, **tol(torch.float64))
+
+
 def callers_tuple(theirs, y, step, form, device):
     """A caller's own tuple for the batch ``y`` of step ``step`` (0, 1, ...), in memory indices
     after PML's memory ``theirs`` enqueues it: six anchors, each with a positive and a
@@ -293,13 +303,9 @@ def test_explicit_miner_keeps_pmls_order(device, miner, extra):
             y[0] = 99
             with torch.no_grad():  # and close to some negatives, so the miners pick triplets
                 x[0] = x[1] + 0.05 * x[2]
-        tup = None if extra is None else callers_tuple(theirs, y, step, extra, device)
-        a_val = ours(x, y, tup)
-        (ga,) = torch.autograd.grad(a_val, x)
-        b_val = theirs(x, y, tup)
-        (gb,) = torch.autograd.grad(b_val, x)
-        torch.testing.assert_close(a_val, b_val, **tol(torch.float64))
-        torch.testing.assert_close(ga, gb, **tol(torch.float64))
+        assert_same_step(
+            ours, theirs, x, y, None if extra is None else callers_tuple(theirs, y, step, extra, device)
+        )
 
 
 @pytest.mark.parametrize(
@@ -450,13 +456,7 @@ def test_a_callers_tuple_joins_the_fused_mining_as_pmls_tuple_joins_its_miner(de
     ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device).double()
     theirs = pml_memory(device, torch.float64)
     for step, (x, y, _) in enumerate(steps(device, torch.float64, n_steps=4)):
-        tup = callers_tuple(theirs, y, step, form, device)
-        a_val = ours(x, y, tup)
-        (ga,) = torch.autograd.grad(a_val, x)
-        b_val = theirs(x, y, tup)
-        (gb,) = torch.autograd.grad(b_val, x)
-        torch.testing.assert_close(a_val, b_val, **tol(torch.float64))
-        torch.testing.assert_close(ga, gb, **tol(torch.float64))
+        assert_same_step(ours, theirs, x, y, callers_tuple(theirs, y, step, form, device))
 
 
 @pytest.mark.parametrize("refused", [False, True], ids=["loaded", "refused"])
