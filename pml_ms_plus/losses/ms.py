@@ -459,6 +459,15 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
 
         Raises:
             ValueError: without ``epsilon``, or for a problem with explicit pairs.
+
+        Example:
+            >>> from pml_ms_plus.miners import MultiSimilarityMiner
+            >>> x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+            >>> y = torch.arange(16) % 4
+            >>> loss = MSLoss(epsilon=0.1)
+            >>> mined = loss.mined_pairs(loss.make_problem(x, y))
+            >>> [len(t) for t in mined] == [len(t) for t in MultiSimilarityMiner(0.1)(x, y)]
+            True
         """
         if self.epsilon is None or problem.pairs is not None:
             raise ValueError("mined_pairs needs epsilon and a problem of label-defined pairs")
