@@ -520,6 +520,8 @@ NEW_HEADER = ",".join(
         # a fractional epoch was rewritten as an integer, a negative one kept
         ("raw,0,abc,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,1.5,0.1,[],[]\n", "line 2: epoch is not an integer >= 0"),
         ("raw,0,abc,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,-2,0.1,[],[]\n", "line 2: epoch is not an integer >= 0"),
+        # an infinite epoch escaped as an OverflowError (a traceback, exit 1)
+        ("raw,0,abc,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,inf,0.1,[],[]\n", "line 2: epoch is not an integer >= 0"),
         (
             'raw,0,abc,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0,0.1,[],"[1]"\n',
             "line 2: evaluations is not a JSON list",

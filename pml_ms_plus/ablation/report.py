@@ -145,7 +145,7 @@ def _parse_row(r: Dict, fields: List[str]) -> Dict:
     row: Dict = {"variant": r["variant"], "seed": int(seed), "config_hash": r["config_hash"]}
     row.update({m: _fraction(r.get(m, ""), m) for m in METRICS})
     epoch = _number(r.get("epoch", ""), "epoch")
-    if epoch is not None and not (epoch >= 0 and epoch == int(epoch)):
+    if epoch is not None and not (math.isfinite(epoch) and epoch >= 0 and epoch == int(epoch)):
         raise ValueError(f"epoch is not an integer >= 0: {r['epoch']!r}")
     row["epoch"] = None if epoch is None else int(epoch)
     row["train_seconds"] = _number(r["train_seconds"], "train_seconds")
