@@ -8,7 +8,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import stats
 from .metrics import METRICS
@@ -102,13 +102,25 @@ def _number(value: str, field: str) -> Optional[float]:
         raise ValueError(f"{field} is not a number: {value!r}") from None
 
 
-def _fraction(value: str, field: str) -> Optional[float]:
-    """A metric: a fraction in ``[0, 1]``, or NaN (a metric with no query to count, as the
-    evaluation writes it)."""
+def _checked(value: str, field: str, valid: Callable[[float], bool], what: str) -> Optional[float]:
+    """:func:`_number`, refused unless ``valid`` (``what`` it should be, for the message)."""
     number = _number(value, field)
-    if number is not None and not math.isnan(number) and not 0.0 <= number <= 1.0:
-        raise ValueError(f"{field} is not a fraction in [0, 1]: {value!r}")
+    if number is not None and not valid(number):
+        raise ValueError(f"{field} is not {what}: {value!r}")
     return number
+
+
+def _is_fraction(x: float) -> bool:
+    """A metric: in ``[0, 1]``, or NaN (a metric with no query to count, as evaluation writes it)."""
+    return math.isnan(x) or 0.0 <= x <= 1.0
+
+
+def _is_count(x: float) -> bool:
+    return math.isfinite(x) and x >= 0 and x == int(x)
+
+
+def _is_duration(x: float) -> bool:
+    return math.isfinite(x) and x >= 0
 
 
 def _json_list(value: str, field: str, item: Any) -> list:
@@ -143,16 +155,10 @@ def _parse_row(r: Dict, fields: List[str]) -> Dict:
     if not (seed.isascii() and seed.isdigit()):
         raise ValueError(f"seed is not an integer >= 0: {seed!r}")
     row: Dict = {"variant": r["variant"], "seed": int(seed), "config_hash": r["config_hash"]}
-    row.update({m: _fraction(r.get(m, ""), m) for m in METRICS})
-    epoch = _number(r.get("epoch", ""), "epoch")
-    if epoch is not None and not (math.isfinite(epoch) and epoch >= 0 and epoch == int(epoch)):
-        raise ValueError(f"epoch is not an integer >= 0: {r['epoch']!r}")
+    row.update({m: _checked(r.get(m, ""), m, _is_fraction, "a fraction in [0, 1]") for m in METRICS})
+    epoch = _checked(r.get("epoch", ""), "epoch", _is_count, "an integer >= 0")
     row["epoch"] = None if epoch is None else int(epoch)
-    row["train_seconds"] = _number(r["train_seconds"], "train_seconds")
-    if row["train_seconds"] is not None and not (
-        math.isfinite(row["train_seconds"]) and row["train_seconds"] >= 0
-    ):
-        raise ValueError(f"train_seconds is not a finite number >= 0: {r['train_seconds']!r}")
+    row["train_seconds"] = _checked(r["train_seconds"], "train_seconds", _is_duration, "a finite number >= 0")
     row["losses"] = _json_list(r["losses"], "losses", _is_number)
     row["evaluations"] = _json_list(r.get("evaluations", "[]"), "evaluations", _is_evaluation)
     return row

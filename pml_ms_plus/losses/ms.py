@@ -248,16 +248,18 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
 
     def terms(self, problem: MSProblem) -> F_ms.MSTerms:
         """Per-anchor :class:`~pml_ms_plus.functional.MSTerms` of a problem (fused or dense path)."""
-        if self._use_fused(problem):
-            return self._fused_terms(problem)
-        return self._dense_terms(problem)
+        return self._terms_and_path(problem)[0]
+
+    def _terms_and_path(self, problem: MSProblem) -> Tuple[F_ms.MSTerms, bool]:
+        """:meth:`terms`, and whether the fused path computed them."""
+        fused = self._use_fused(problem)
+        return (self._fused_terms(problem) if fused else self._dense_terms(problem)), fused
 
     def _loss_dict(self, problem: MSProblem) -> Dict[str, Any]:
         if problem.num_anchors == 0 or problem.num_references == 0 or self._only_self_pair(problem):
             self._record(None)  # no pairs: PML's zero loss (no distance computed, as PML computes none)
             return self.zero_losses()
-        fused = self._use_fused(problem)
-        terms = self._fused_terms(problem) if fused else self._dense_terms(problem)
+        terms, fused = self._terms_and_path(problem)
         if not fused and self._kept_no_pair(problem, terms):
             self._record(None)  # PML's zero loss, the graph through the distance dropped
             return self.zero_losses()
