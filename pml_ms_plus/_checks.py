@@ -111,8 +111,11 @@ def label_dtype(labels: Optional[torch.Tensor], name: str = "labels") -> None:
         )
 
 
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
 def indices_tuple(indices_tuple: object, num_anchors: int, num_refs: Optional[int] = None) -> None:
-    """A PML index tuple: 3 (triplets) or 4 (pairs) 1D integer tensors of matching
+    """A PML index tuple: 3 (triplets) or 4 (pairs) 1D int64/int32 tensors of matching
     lengths, anchor indices in ``[0, num_anchors)`` and, given ``num_refs``, the positive and
     negative ones in ``[0, num_refs)`` (one host read for all the ranges)."""
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
@@ -120,6 +123,12 @@ def indices_tuple(indices_tuple: object, num_anchors: int, num_refs: Optional[in
     for t in indices_tuple:
         if not torch.is_tensor(t) or t.ndim != 1 or t.is_floating_point() or t.dtype == torch.bool:
             raise ValueError("indices_tuple must hold 1D integer tensors")
+        if t.dtype not in _INDEX_DTYPES:  # PML indexes with them: int8/int16 raise IndexError there,
+            # and uint8 is read as a mask (another set of pairs)
+            raise ValueError(
+                f"indices_tuple must hold int64 or int32 tensors (as PML indexes with them), got {t.dtype}; "
+                "convert with .long()"
+            )
     groups = [indices_tuple] if len(indices_tuple) == 3 else [indices_tuple[:2], indices_tuple[2:]]
     for group in groups:
         if len({len(t) for t in group}) > 1:

@@ -415,6 +415,9 @@ def _index_tuple(device, dtype=torch.long, **change):
     [
         (lambda d: _index_tuple(d, torch.float32), "1D integer tensors"),  # was cast: 1.7 became 1
         (lambda d: _index_tuple(d, torch.bool), "1D integer tensors"),
+        (lambda d: _index_tuple(d, torch.uint8), "int64 or int32 tensors.*got torch.uint8"),  # PML: a mask
+        (lambda d: _index_tuple(d, torch.int8), "int64 or int32 tensors.*got torch.int8"),  # PML: IndexError
+        (lambda d: _index_tuple(d, torch.int16), "int64 or int32 tensors.*got torch.int16"),
         (
             lambda d: _index_tuple(d, p=[1, 0, 5]),
             r"positive indices must lie in \[0, 5\), got values in \[0, 5\]",
@@ -428,7 +431,8 @@ def _index_tuple(device, dtype=torch.long, **change):
 def test_a_bad_indices_tuple_is_refused_naming_it(device, make, message):
     """MSLoss checks an explicit ``indices_tuple`` as the memory does: before, a float tuple was
     cast to long (PML raises ``IndexError``), an out-of-range index raised indexing's own error
-    and a negative one wrapped around, as in PML."""
+    and a negative one wrapped around, as in PML; uint8/int8/int16 tuples were cast to long (PML
+    reads uint8 as a mask and raises ``IndexError`` for the others)."""
     x = torch.randn(5, 4, device=device)
     y = torch.tensor([0, 0, 1, 1, 2], device=device)
     with pytest.raises(ValueError, match=message):

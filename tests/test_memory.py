@@ -309,7 +309,7 @@ def test_explicit_miner_keeps_pmls_order(device, miner, extra):
 
 
 @pytest.mark.parametrize(
-    "case", ["out_of_range_anchor", "out_of_range_ref", "pos_and_neg", "bad_shape", "float"]
+    "case", ["out_of_range_anchor", "out_of_range_ref", "pos_and_neg", "bad_shape", "float", "uint8"]
 )
 def test_rejected_indices_tuple_enqueues_nothing(device, case):
     ours = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).to(device)
@@ -324,6 +324,7 @@ def test_rejected_indices_tuple_enqueues_nothing(device, case):
         "pos_and_neg": ((i, i + 2, i, i + 2), "both as positive and as negative"),
         "bad_shape": ((i, i[:1], i, i), "lengths differ"),
         "float": ((i.float(), i, i, i), "1D integer tensors"),
+        "uint8": ((i, i.to(torch.uint8), i, i), "int64 or int32 tensors"),
     }[case]
     with pytest.raises(ValueError, match=message):
         ours(x2, y2, tup)
