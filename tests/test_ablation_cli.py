@@ -215,6 +215,8 @@ LATE_FAILURES = {
         ("missing_npz", "no such file"),
         ("npz_without_y", "has no array 'y'"),
         ("npz_mismatch", "'x' has 30 rows but 'y' has 29 labels"),
+        ("npz_not_a_zip", "not an .npz archive"),  # numpy's message blamed pickled data
+        ("npz_a_npy", "not an .npz archive"),  # numpy's: no context manager protocol
         ("one_train_class", "at least 2 training classes"),
         ("bad_toml", "cannot read config"),
         ("config_not_utf8", "it is not UTF-8 text"),  # was a decoder message naming no file
@@ -252,6 +254,13 @@ def test_bad_input_exits_2_and_touches_nothing(tmp_path, capfd, case, message):
         args += ["--dataset", make_npz(tmp_path, "a.npz", x=x)]
     elif case == "npz_mismatch":
         args += ["--dataset", make_npz(tmp_path, "b.npz", x=x, y=np.arange(29) % 3)]
+    elif case == "npz_not_a_zip":
+        (tmp_path / "text.npz").write_text("x,y\n1,0\n")
+        args += ["--dataset", str(tmp_path / "text.npz")]
+    elif case == "npz_a_npy":
+        np.save(tmp_path / "a.npy", x)
+        os.replace(tmp_path / "a.npy", tmp_path / "a.npz")
+        args += ["--dataset", str(tmp_path / "a.npz")]
     elif case == "one_train_class":
         args += [
             "--dataset",

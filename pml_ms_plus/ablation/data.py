@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -132,6 +133,11 @@ def _features(name: str, description: str, x: np.ndarray, y: np.ndarray, train_c
 
 def from_npz(path: str) -> Data:
     """A user's features: ``x`` (N x D float), ``y`` (N int), optional ``train_classes``."""
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):  # numpy would blame pickles or a .npy
+        raise DataError(
+            f"cannot read {path}: not an .npz archive (a zip of arrays, as numpy.savez writes); "
+            "save the features with numpy.savez(path, x=..., y=...)"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
