@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import pickle
 import shutil
 
 import pytest
@@ -189,6 +190,33 @@ def test_checkpoint_round_trip_mid_training(device, tmp_path):
     assert resumed.queue_idx == ours.queue_idx and int(resumed.iteration) == 4
     for x, y, _ in batches[4:]:
         torch.testing.assert_close(resumed(x, y), ours(x, y))
+
+
+@pytest.mark.parametrize("when", ["before_the_backward", "after_the_backward"])
+def test_the_whole_module_pickles_after_a_call_as_pmls_does(device, tmp_path, when):
+    """``torch.save(model)`` / ``pickle`` of a memory that has been called: it raised ``TypeError:
+    cannot pickle 'weakref.ReferenceType'`` (the record of which graph reads the buffers); PML's
+    memory pickles. The copy goes on exactly as the original, and the original's pending
+    backward is unaffected."""
+    ours = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).to(device)
+    batches = list(steps(device, torch.float32, n_steps=4))
+    for x, y, _ in batches[:2]:
+        ours(x, y).backward()
+    x, y, _ = batches[2]
+    pending = ours(x, y)
+    if when == "after_the_backward":
+        pending.backward()
+    copies = [pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours)]
+    torch.save(ours, tmp_path / "xbm.pt")
+    copies.append(torch.load(tmp_path / "xbm.pt", weights_only=False))
+    if when == "before_the_backward":
+        pending.backward()
+    x, y, _ = batches[3]
+    want = ours(x, y)
+    for other in copies:
+        torch.testing.assert_close(other(x, y), want)
+        for key, value in ours.state_dict().items():
+            assert torch.equal(other.state_dict()[key], value), key
 
 
 def test_memory_keeps_float32_and_follows_device(device):

@@ -70,6 +70,12 @@ class _BufferUse:
         waiting = self._loss is not None and not self._started and self._loss() is not None
         return waiting or any(v() is not None for v in self._views)
 
+    def __reduce__(self) -> Tuple[Any, ...]:
+        """A copy (pickle, ``torch.save`` of the whole module, ``deepcopy``) watches nothing: its
+        buffers are new tensors, which no graph of the original reads (weak references cannot be
+        pickled)."""
+        return (_BufferUse, ())
+
 
 class CrossBatchMemory(pml_losses.CrossBatchMemory):
     """Cross-batch memory for ``MSLoss`` / ``AdaptiveMSLoss``, a drop-in for PML's.
