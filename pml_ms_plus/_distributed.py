@@ -1,5 +1,6 @@
 """Private ``torch.distributed`` helpers shared by the losses: the rank-order gather (with or
-without a gradient), the equal-size check, and the averaging of a loss's own parameter gradients.
+without a gradient), the ranks' agreement on their inputs, and the averaging of a loss's own
+parameter gradients.
 
 Every collective here is issued by every rank in the same order (the callers guarantee it: the
 same calls on every rank, the same number of rows), so none of them can pair up wrongly.
@@ -8,7 +9,7 @@ same calls on every rank, the same number of rows), so none of them can pair up 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, Iterable, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -69,11 +70,63 @@ def all_gather(t: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
     return _gather_parts(t.detach())
 
 
-def check_equal_sizes(n: int, device: torch.device, who: str) -> None:
-    """Raise ``ValueError`` (on every rank alike) unless every rank passes ``n`` rows."""
-    sizes = _gather_parts(torch.tensor([n], device=device))
-    if bool((sizes != sizes[0]).any()):
-        raise ValueError(f"{who} needs equal batch sizes on every rank, got {sizes.tolist()}")
+_EMBEDDING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # codes 0-3; -1: other
+
+
+def _collective_device(like: Any) -> torch.device:
+    """Where a small collective's tensor lives: beside ``like`` (a tensor); without one, on the
+    current CUDA device under NCCL (which takes CUDA tensors only), else on the CPU."""
+    if torch.is_tensor(like):
+        return like.device
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree_on_inputs(who: str, embeddings: Any, error: Optional[ValueError]) -> None:
+    """Every rank's verdict on its own input, exchanged before anything is gathered: one
+    all-gather of four integers per rank (refused, rows, width, dtype), read on the host.
+
+    Raises ``ValueError`` on every rank alike when any rank's input was refused (``error``, that
+    rank's own check: it raises its own error, the others name the rank), or when the ranks pass
+    different numbers of rows, widths or dtypes -- so that no rank goes on alone into a gather its
+    peers never join (it would wait there until the process group's timeout), and no rank's
+    state (a memory) changes while another's does not."""
+    if error is None:
+        rows, width = embeddings.shape
+        dtype = embeddings.dtype
+        code = _EMBEDDING_DTYPES.index(dtype) if dtype in _EMBEDDING_DTYPES else -1
+        verdict = [0, rows, width, code]
+    else:
+        verdict = [1, -1, -1, -1]
+    table = _gather_parts(torch.tensor([verdict], device=_collective_device(embeddings))).tolist()
+    refused = [r for r, row in enumerate(table) if row[0]]
+    if error is not None:
+        raise error
+    if refused:
+        ranks = ", ".join(map(str, refused))
+        raise ValueError(
+            f"{who}: the input of rank {ranks} was refused (its error there names the problem); "
+            "every rank refuses this call"
+        )
+    for column, what in ((1, "batch sizes"), (2, "embedding widths")):
+        values = [row[column] for row in table]
+        if len(set(values)) > 1:
+            raise ValueError(f"{who} needs equal {what} on every rank, got {values}")
+    codes = [row[3] for row in table]
+    if len(set(codes)) > 1:
+        names = [str(_EMBEDDING_DTYPES[c]).replace("torch.", "") if c >= 0 else "other" for c in codes]
+        raise ValueError(f"{who} needs embeddings of one dtype on every rank, got {names}")
+
+
+def input_error(check: Callable[[], None]) -> Optional[ValueError]:
+    """The ``ValueError`` that ``check()`` raises, or ``None``: a rank's verdict on its own
+    input for :func:`agree_on_inputs`."""
+    try:
+        check()
+    except ValueError as error:
+        return error
+    return None
 
 
 _AVERAGED: Dict[int, "weakref.ref[torch.Tensor]"] = {}  # id -> the parameter (ids of dead ones are reused)

@@ -7,6 +7,7 @@
   a loss's own parameters (ProxyAnchor's proxies) scaled back to the single-process gradient.
 """
 
+import datetime
 import os
 import tempfile
 
@@ -133,8 +134,105 @@ def ddp_worker(rank):
     return out
 
 
+def masked_batch(step):
+    """A batch of WORLD x LOCAL rows and an enqueue mask that leaves each rank another number of
+    anchors (rank 0: 9, rank 1: 3; the rows not enqueued are the anchors)."""
+    x, y = full_batch(step)
+    keep = torch.tensor([3, 9])[torch.arange(WORLD)].repeat_interleave(LOCAL)  # rows enqueued per rank
+    mask = torch.arange(LOCAL).repeat(WORLD) < keep
+    return x, y, mask
+
+
+def outcome(call):
+    """``call()``'s ValueError message, or ``"no error"``."""
+    try:
+        call()
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def bad_share(case, rank, x, y):
+    """Rank 1's bad share of one kind (rank 0's share is good)."""
+    if rank == 0:
+        return x, y
+    if case == "nan":
+        x = x.clone()
+        x[0, 0] = float("nan")
+    elif case == "label_range":  # outside the learned thresholds' classes
+        y = y.clone()
+        y[0] = 99
+    elif case == "float_labels":
+        y = y.double()
+    elif case == "width":
+        x = torch.cat([x, x[:, :1]], 1)
+    return x, y
+
+
+BAD_SHARES = ("nan", "label_range", "float_labels", "width")
+
+
+def agreement_worker(rank):
+    """Inputs that differ between the ranks: unequal anchors under an enqueue mask, a bad share on
+    rank 1 alone, labels of different integer dtypes, distinct rows that project alike."""
+    out = {}
+    local = slice(rank * LOCAL, (rank + 1) * LOCAL)
+    memory = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).double()
+    masked = []
+    for step in range(3):
+        x, y, mask = masked_batch(step)
+        mine = x[local].clone().requires_grad_(True)
+        value = memory(mine, y[local], enqueue_mask=mask[local])
+        (grad,) = torch.autograd.grad(value, mine)
+        masked.append(dict(loss=value.detach(), grad=grad))
+    out["masked"] = masked
+    x, y = full_batch(0)
+    x, y = x[local], y[local] % 4
+    for case in BAD_SHARES:
+        learned = case == "label_range"
+
+        def inner(learned=learned):
+            if learned:
+                return losses.AdaptiveMSLoss(margin_mode="learned", num_classes=4).double()
+            return losses.MSLoss().double()
+
+        xbm = losses.CrossBatchMemory(inner(), DIM, memory_size=MEMORY).double()
+        xbm(x, y)  # one good call first
+        before = {k: v.clone() for k, v in xbm.state_dict().items()}
+        bx, by = bad_share(case, rank, x, y)
+        message = outcome(lambda: xbm(bx, by))  # noqa: B023
+        unchanged = all(torch.equal(v, xbm.state_dict()[k]) for k, v in before.items())
+        # and both ranks go on together (no collective left unmatched)
+        after = xbm(x, y).detach()
+        gathered = GatheredMSLoss(inner())
+        out[f"bad-{case}"] = dict(
+            memory=message,
+            unchanged=unchanged,
+            after=after,
+            gathered=outcome(lambda: gathered(bx, by)),  # noqa: B023
+            gathered_after=gathered(x, y).detach(),
+        )
+    # labels of another integer dtype on one rank: class ids all the same
+    small = y.to(torch.int8) if rank == 1 else y
+    out["dtypes"] = dict(
+        gathered=GatheredMSLoss(losses.MSLoss())(x, small).detach(),
+        memory=losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).double()(x, small).detach(),
+    )
+    # distinct rows whose projections (the check's ordering key) coincide: not "gathered already"
+    rows = [[[2.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.5]]][rank]
+    xbm2 = losses.CrossBatchMemory(losses.MSLoss(), 2, memory_size=8).double()
+    out["alike"] = outcome(lambda: xbm2(torch.tensor(rows, dtype=torch.float64), torch.tensor([0, 1])))
+    return out
+
+
 def worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=120),  # a collective left unmatched fails the test, not CI
+    )
     try:
         from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
@@ -184,7 +282,9 @@ def worker(rank, init_file, out_dir):
             in_batch.append(
                 dict(loss=value.detach(), grad=local.grad, thresholds=learned.loss.thresholds.grad)
             )
-        saved = dict(records=records, in_batch=in_batch, gathered=ddp_worker(rank))
+        saved = dict(
+            records=records, in_batch=in_batch, gathered=ddp_worker(rank), agreement=agreement_worker(rank)
+        )
         torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -281,3 +381,71 @@ def test_gathered_loss_takes_bool_labels_and_refuses_unequal_shares(saved):
     torch.testing.assert_close(sum(s["gathered"]["bool"] for s in saved) / WORLD, expected)
     for s in saved:
         assert "equal batch sizes" in s["gathered"]["unequal"] and "[10, 11]" in s["gathered"]["unequal"]
+
+
+def test_an_enqueue_mask_that_leaves_ranks_unequal_anchors_matches_one_process(saved):
+    """Each rank's memory loss was its own anchors' mean; with an enqueue mask the ranks hold
+    different numbers of anchors (9 and 3 here), and the mean over ranks of those means is not
+    the mean over every anchor: loss and gradients differed from one process's."""
+    single = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).double()
+    for step in range(3):
+        x, y, mask = masked_batch(step)
+        x.requires_grad_(True)
+        expected = single(x, y, enqueue_mask=mask)
+        (expected_grad,) = torch.autograd.grad(expected, x)
+        per_rank = [s["agreement"]["masked"][step] for s in saved]
+        torch.testing.assert_close(sum(r["loss"] for r in per_rank) / WORLD, expected.detach())
+        for r, rec in enumerate(per_rank):
+            want = expected_grad[r * LOCAL : (r + 1) * LOCAL]
+            assert want.abs().max() > 0
+            torch.testing.assert_close(rec["grad"] / WORLD, want)
+
+
+@pytest.mark.parametrize("case", BAD_SHARES)
+def test_a_bad_share_on_one_rank_is_refused_on_every_rank(saved, case):
+    """A share refused on rank 1 alone: rank 1 raised before the gather and rank 0 waited in it
+    until the process group's timeout (the memory: NaN, a width; GatheredMSLoss: float labels,
+    which it gathered and rank 0 computed a loss with); a learned threshold's label range was
+    checked after the gather, so rank 0 enqueued the batch and rank 1 did not (the memories
+    differed from then on); two widths crashed gloo. Now every rank refuses the call, the
+    memories are untouched, and the next call runs on both."""
+    results = [s["agreement"][f"bad-{case}"] for s in saved]
+    own = {
+        "nan": "contain NaN or inf",
+        "label_range": "labels must lie in [0, num_classes=4)",
+        "float_labels": "labels must be an integer or bool tensor",
+        "width": "embedding_size=8",
+    }[case]
+    gathered_own = "needs equal embedding widths on every rank, got [8, 9]" if case == "width" else own
+    for rank, r in enumerate(results):
+        assert r["unchanged"], rank
+        if case == "width":  # the memory's own width check on rank 1; GatheredMSLoss compares widths
+            assert (own in r["memory"]) if rank == 1 else ("input of rank 1 was refused" in r["memory"])
+            assert gathered_own in r["gathered"]
+        elif case == "nan":  # GatheredMSLoss checks the gathered rows, alike on every rank
+            assert (own in r["memory"]) if rank == 1 else ("input of rank 1 was refused" in r["memory"])
+            assert own in r["gathered"]
+        else:
+            for message in (r["memory"], r["gathered"]):
+                assert (own in message) if rank == 1 else ("input of rank 1 was refused" in message), message
+    assert all(torch.isfinite(r["after"]) and torch.isfinite(r["gathered_after"]) for r in results)
+
+
+def test_labels_of_other_integer_dtypes_on_one_rank_match_one_process(saved):
+    """int64 labels on rank 0 and int8 on rank 1 (both class ids): gloo aborted the process (the
+    gathered labels' sizes differed)."""
+    x, y = full_batch(0)
+    y = y % 4
+    want = losses.MSLoss()(x, y)
+    got = [s["agreement"]["dtypes"] for s in saved]
+    torch.testing.assert_close(sum(g["gathered"] for g in got) / WORLD, want)
+    single = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).double()
+    torch.testing.assert_close(sum(g["memory"] for g in got) / WORLD, single(x, y))
+
+
+def test_distinct_rows_that_project_alike_are_not_taken_for_a_gathered_batch(saved):
+    """The check for a batch gathered already (PML's wrapper inside) compared one projection of
+    the rows: distinct rows projecting alike were refused (with bf16 rows of D=128, one row per
+    rank, about once in 1,000 steps)."""
+    for s in saved:
+        assert s["agreement"]["alike"] == "no error"

@@ -90,15 +90,15 @@ class AdaptiveMSLoss(MultiSimilarityLoss):
         self.add_to_recordable_attributes(list_of_names=["margin"], is_stat=False)
         self.add_to_recordable_attributes(list_of_names=["threshold_mean", "threshold_std"], is_stat=True)
 
-    def _check_inputs(
+    def check_inputs(
         self,
         embeddings: torch.Tensor,
         labels: Optional[torch.Tensor],
-        ref_emb: Optional[torch.Tensor],
-        ref_labels: Optional[torch.Tensor],
+        ref_emb: Optional[torch.Tensor] = None,
+        ref_labels: Optional[torch.Tensor] = None,
         finite: bool = True,
     ) -> None:
-        super()._check_inputs(embeddings, labels, ref_emb, ref_labels, finite)
+        super().check_inputs(embeddings, labels, ref_emb, ref_labels, finite)
         if self.margin_mode != "learned":
             return
         if labels is None:

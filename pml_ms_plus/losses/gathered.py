@@ -47,9 +47,12 @@ class GatheredMSLoss(torch.nn.Module):
     so identically initialised thresholds stay identical. (The hooks are registered on the
     parameters when the wrapper is built and do nothing without a process group.)
 
-    Each call first checks that every rank passes the same number of rows (one all-gather of one
-    integer, read on the host: a clear ``ValueError`` instead of mismatched collectives), then
-    gathers the embeddings and the labels (two all-gathers of ``B x D`` and ``B``).
+    Each call first checks its share (shapes, label dtypes, a learned threshold's label range)
+    and exchanges every rank's verdict with its number of rows, width and dtype (one all-gather
+    of four integers, read on the host): a bad share on any rank, or shares that differ, raise
+    a clear ``ValueError`` on every rank alike instead of mismatched collectives. Then it gathers
+    the embeddings and the labels (as int64: ranks may pass different integer dtypes), two
+    all-gathers of ``B x D`` and ``B``.
 
     Without an initialised process group, or with one rank, ``forward`` is
     ``loss(embeddings, labels)``. Mining (``epsilon``), ``weighting``, adaptive thresholds,
@@ -65,8 +68,9 @@ class GatheredMSLoss(torch.nn.Module):
         TypeError: a loss outside the MS family (for other PML losses use PML's
             ``DistributedLossWrapper``).
         ValueError: an unknown ``anchors``, or ``"local"`` with another reducer; in
-            ``forward``: missing labels, unequal batch sizes on the ranks, and the wrapped
-            loss's own input errors (raised on every rank alike for the gathered rows).
+            ``forward``: missing labels, unequal batch sizes, widths or dtypes on the ranks,
+            and the wrapped loss's own input errors (raised on every rank alike: a rank's
+            refused share, NaN/inf in the gathered rows).
 
     Shape:
         ``embeddings``: ``(B, D)`` (this rank's share); ``labels``: ``(B,)``; output: a scalar.
@@ -115,18 +119,14 @@ class GatheredMSLoss(torch.nn.Module):
         Returns:
             A scalar: ``L_r`` (``"local"``) or the whole batch's loss (``"all"``).
         """
-        if not torch.is_tensor(labels):
-            raise ValueError(
-                f"GatheredMSLoss needs labels as a tensor of class ids, got {type(labels).__name__}"
-            )
-        if not torch.is_tensor(embeddings) or embeddings.dim() != 2:
-            raise ValueError("GatheredMSLoss needs embeddings as a 2D tensor (B, D)")
         if _distributed.world_size() == 1:
+            self._check_share(embeddings, labels, by_the_loss=False)  # the loss checks the rest
             return self.loss(embeddings, labels)
-        labels = labels.to(embeddings.device)
-        if labels.dtype == torch.bool:  # class ids either way; collectives do not all take bool
-            labels = labels.long()
-        _distributed.check_equal_sizes(len(embeddings), embeddings.device, "GatheredMSLoss")
+        # every rank's verdict on its share first (a rank that raised alone would leave the others
+        # waiting in the gather); the finite check runs on the gathered rows, alike everywhere
+        error = _distributed.input_error(lambda: self._check_share(embeddings, labels))
+        _distributed.agree_on_inputs("GatheredMSLoss", embeddings, error)
+        labels = labels.to(embeddings.device).long()  # class ids; one dtype on every rank for the gather
         everyone = _distributed.all_gather(embeddings, grad=True)
         everyone_labels = _distributed.all_gather(labels)
         if self.anchors == "all":
@@ -135,3 +135,15 @@ class GatheredMSLoss(torch.nn.Module):
             embeddings, labels, everyone, everyone_labels, _distributed.rank()
         )
         return self.loss.forward_problem(problem)
+
+    def _check_share(self, embeddings: torch.Tensor, labels: torch.Tensor, by_the_loss: bool = True) -> None:
+        """This rank's share: a 2D tensor and a tensor of class ids; ``by_the_loss``: also as the
+        loss checks them (finiteness aside)."""
+        if not torch.is_tensor(labels):
+            raise ValueError(
+                f"GatheredMSLoss needs labels as a tensor of class ids, got {type(labels).__name__}"
+            )
+        if not torch.is_tensor(embeddings) or embeddings.dim() != 2:
+            raise ValueError("GatheredMSLoss needs embeddings as a 2D tensor (B, D)")
+        if by_the_loss:
+            self.loss.check_inputs(embeddings, labels, finite=False)

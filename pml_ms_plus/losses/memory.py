@@ -12,6 +12,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from .. import _checks, _distributed
 from .._blocks import masks_from_pairs
+from .gathered import reduces_by_mean
 from .ms import MultiSimilarityLoss
 from .problem import MSProblem
 
@@ -286,7 +287,15 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         indices_tuple: Optional[Tuple[torch.Tensor, ...]] = None,
         enqueue_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        self._check_inputs(embeddings, labels, indices_tuple, enqueue_mask)
+        gathered = self._gathers()
+        world = torch.distributed.get_world_size() if gathered else 1
+        if gathered:  # every rank's verdict first: all refuse alike, or none (see agree_on_inputs)
+            error = _distributed.input_error(
+                lambda: self._check_inputs(embeddings, labels, indices_tuple, enqueue_mask, world)
+            )
+            _distributed.agree_on_inputs("CrossBatchMemory", embeddings, error)
+        else:
+            self._check_inputs(embeddings, labels, indices_tuple, enqueue_mask, world)
         self.reset_stats()
         device = embeddings.device
         labels = labels.to(device)
@@ -296,18 +305,13 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             enqueue_mask = enqueue_mask.to(device)
 
         queue_emb, queue_labels, queue_mask, offset = embeddings, labels, enqueue_mask, 0
-        gathered = self._gathers()
         if gathered:
             queue_emb, queue_labels, queue_mask, offset = self._gather(embeddings, labels, enqueue_mask)
         batch_emb, batch_labels = queue_emb, queue_labels  # every rank's batch (with its gradient)
         if queue_mask is not None:
             queue_emb, queue_labels = queue_emb[queue_mask], queue_labels[queue_mask]
-        if len(queue_emb) > self.memory_size:
+        if len(queue_emb) > self.memory_size:  # (gathered: the same count on every rank)
             raise ValueError(f"{len(queue_emb)} embeddings to enqueue exceed memory_size={self.memory_size}")
-        if indices_tuple is not None:
-            _checks.reference_indices(
-                indices_tuple, self._filled_length_after(len(queue_emb)), " (the filled memory)"
-            )
 
         if enqueue_mask is None:
             anchors, anchor_labels = embeddings, labels
@@ -326,6 +330,12 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             if iteration < self.start_iteration:
                 return self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
             loss = self._memory_loss(anchors, anchor_labels, self_index, indices_tuple, enqueue_mask is None)
+            if gathered and enqueue_mask is not None and reduces_by_mean(self.loss):
+                # ranks hold different numbers of anchors: each rank's mean weighted by its share,
+                # so that the mean over ranks is the mean over every anchor, as in one process
+                anchors_everywhere = len(batch_emb) - len(queue_emb)
+                if anchors_everywhere:
+                    loss = loss * (world * len(anchors) / anchors_everywhere)
             if self.memory_weight != 1:
                 loss = self.memory_weight * loss
             if self.batch_weight:
@@ -441,12 +451,17 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         labels: Optional[torch.Tensor],
         indices_tuple: Optional[Tuple[torch.Tensor, ...]],
         enqueue_mask: Optional[torch.Tensor],
+        world: int,
     ) -> None:
+        """This rank's call, before anything changes (``world``: the ranks whose batches it
+        enqueues): the loss's checks of the batch (shapes, dtypes, finiteness, a learned
+        threshold's label range), the width, the mask, the tuple (its indices against the
+        memory as filled after this call)."""
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
         if labels is None:
             raise ValueError("CrossBatchMemory needs labels")
-        _checks.embeddings_and_labels(embeddings, labels, self.loss.check_finite)
+        self.loss.check_inputs(embeddings, labels)
         if embeddings.shape[1] != self.embedding_size:
             raise ValueError(
                 f"embeddings have width {embeddings.shape[1]} but embedding_size={self.embedding_size}"
@@ -460,8 +475,10 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
                 )
         elif len(embeddings) > self.memory_size:
             raise ValueError(f"batch of {len(embeddings)} exceeds memory_size={self.memory_size}")
-        if indices_tuple is not None:
+        if indices_tuple is not None:  # (no mask: every row of every rank is enqueued)
             _checks.indices_tuple(indices_tuple, len(embeddings))
+            filled = self._filled_length_after(world * len(embeddings))
+            _checks.reference_indices(indices_tuple, filled, " (the filled memory)")
 
     def _gathers(self) -> bool:
         """Whether this call all-gathers the batch across ranks (see ``gather``)."""
@@ -476,8 +493,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     def _gather(
         self, embeddings: torch.Tensor, labels: torch.Tensor, enqueue_mask: Optional[torch.Tensor]
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
-        _distributed.check_equal_sizes(len(embeddings), embeddings.device, "CrossBatchMemory")
-        world = torch.distributed.get_world_size()
+        world = torch.distributed.get_world_size()  # (equal shares: agreed on in forward)
         all_emb = _distributed.all_gather(embeddings, grad=True)  # enqueued detached
         if len(embeddings) and self._same_rows_on_every_rank(all_emb.view(world, len(embeddings), -1)):
             raise ValueError(
@@ -486,17 +502,24 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             )
         mask = None if enqueue_mask is None else _distributed.all_gather(enqueue_mask.to(torch.uint8)).bool()
         offset = torch.distributed.get_rank() * len(embeddings)
-        return all_emb, _distributed.all_gather(labels), mask, offset
+        # labels as int64, the memory's dtype: ranks may pass different integer dtypes
+        return all_emb, _distributed.all_gather(labels.long()), mask, offset
 
     @staticmethod
     def _same_rows_on_every_rank(parts: torch.Tensor) -> bool:
         """Whether every rank holds the same rows in some order (``parts``: world x B x D),
-        as after PML's ``DistributedLossWrapper``, which puts each rank's own rows first.
-        Rows are compared through one fixed projection, sorted: identical rows project
-        to identical values."""
+        as after PML's ``DistributedLossWrapper``, which puts each rank's own rows first, and
+        rank 0 holds at least two different rows (a gathered batch of a collapsed model, every
+        row alike, is not told from a real one: not refused). Rows are put in the order of one
+        fixed projection, then compared exactly (rows of equal projections may be paired wrongly
+        then, and a gathered batch go unnoticed: never a distinct one refused)."""
+        parts = parts.detach()
         direction = torch.linspace(1.0, 2.0, parts.shape[-1], dtype=parts.dtype, device=parts.device)
-        keys = (parts.detach() @ direction).sort(dim=1).values
-        return bool((keys == keys[:1]).all())
+        order = (parts @ direction).argsort(dim=1)
+        rows = parts.gather(1, order[..., None].expand_as(parts))
+        if bool((rows[0] == rows[0, :1]).all()):  # one row, or a collapsed batch
+            return False
+        return bool((rows == rows[:1]).all())
 
     # ---------------------------------------------------- PML checkpoints
     def load_state_dict(

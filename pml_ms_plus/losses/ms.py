@@ -157,7 +157,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         by then (without stats the loss holds no state), and the error is the same
         ``ValueError``.
         """
-        self._check_inputs(embeddings, labels, ref_emb, ref_labels, finite=False)
+        self.check_inputs(embeddings, labels, ref_emb, ref_labels, finite=False)
         probe = _checks.finite_probe(embeddings, ref_emb) if self.check_finite else None
         # a non-finite probe (or an overflowing sum of finite values) takes the exact check; the
         # reads stay in this frame (a read in a nested call breaks the graph at every level);
@@ -167,10 +167,10 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             getattr(m, "collect_stats", False) for m in self.modules()
         )  # (the module scan only while tracing: eager steps skip it)
         if probe is not None and not defer and not _checks.probe_is_finite(probe):
-            self._check_inputs(embeddings, labels, ref_emb, ref_labels)
+            self.check_inputs(embeddings, labels, ref_emb, ref_labels)
         loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if probe is not None and defer and not torch.isfinite(probe):
-            self._check_inputs(embeddings, labels, ref_emb, ref_labels)
+            self.check_inputs(embeddings, labels, ref_emb, ref_labels)
         return loss
 
     def compute_loss(
@@ -297,15 +297,19 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             return False
         return problem.pairs is None and int(problem.self_index[0]) == 0
 
-    def _check_inputs(
+    def check_inputs(
         self,
         embeddings: torch.Tensor,
         labels: Optional[torch.Tensor],
-        ref_emb: Optional[torch.Tensor],
-        ref_labels: Optional[torch.Tensor],
+        ref_emb: Optional[torch.Tensor] = None,
+        ref_labels: Optional[torch.Tensor] = None,
         finite: bool = True,
     ) -> None:
-        """Shapes, label dtypes and (``finite`` and ``check_finite``) finiteness."""
+        """The checks of ``forward``: shapes, label dtypes and (``finite`` and ``check_finite``)
+        finiteness; ``ValueError`` naming the problem. For wrappers that check a batch before
+        they act on it (``CrossBatchMemory`` before enqueueing; under ``torch.distributed`` every
+        rank's verdict is exchanged first, so that all refuse alike). ``AdaptiveMSLoss`` adds its
+        label range (learned thresholds)."""
         check = finite and self.check_finite
         _checks.embeddings_and_labels(embeddings, labels, check)
         if ref_emb is not None:
@@ -318,7 +322,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
     def _check_problem(self, problem: MSProblem) -> None:
         """The checks of ``forward``, for a problem built elsewhere."""
         refs = None if problem.references_checked or problem.in_batch else problem.references
-        self._check_inputs(problem.anchors, problem.labels, refs, problem.ref_labels)
+        self.check_inputs(problem.anchors, problem.labels, refs, problem.ref_labels)
 
     # ------------------------------------------------------------ the two paths
     def _use_fused(self, problem: MSProblem) -> bool:
@@ -499,7 +503,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             >>> w.pos.shape, bool((w.neg >= 0).all())
             (torch.Size([3, 3]), True)
         """
-        self._check_inputs(embeddings, labels, ref_emb, ref_labels)
+        self.check_inputs(embeddings, labels, ref_emb, ref_labels)
         labels = labels.to(embeddings.device)
         if ref_emb is not None:
             if ref_labels is None:
