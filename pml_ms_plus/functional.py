@@ -110,7 +110,8 @@ def ms_terms(
         ``neg_weight_sum`` (sums of the GPW weights).
 
     Raises:
-        ValueError: for an unknown ``weighting``, an ``alpha`` or ``beta`` not a number > 0.
+        ValueError: for an unknown ``weighting``, an ``alpha`` or ``beta`` not a number > 0, an
+            ``epsilon`` < 0.
 
     Example:
         >>> S = torch.tensor([[1.0, 0.8, 0.1], [0.8, 1.0, 0.6], [0.1, 0.6, 1.0]])
@@ -133,9 +134,11 @@ def _params(
     weighting: str,
     epsilon: Optional[float],
 ) -> MSParams:
-    """The checked :class:`MSParams` of the dense functions (``ValueError`` naming a scale not > 0)."""
+    """The checked :class:`MSParams` of the dense functions (``ValueError`` naming a scale not > 0
+    or a negative ``epsilon``, as ``MSLoss`` and the miner refuse them)."""
     _checks.positive("alpha", alpha)
     _checks.positive("beta", beta)
+    _checks.optional_non_negative("epsilon", epsilon)
     return MSParams(alpha, beta, lam_pos, lam_neg, weighting, epsilon)
 
 
@@ -216,8 +219,11 @@ def multi_similarity_loss(
         The loss: a scalar, or ``(B,)`` for ``reduction="none"``.
 
     Raises:
-        ValueError: for an unknown ``reduction`` or ``weighting``, mismatched
-            lengths, a ``ref_emb`` without ``ref_labels``.
+        ValueError: as ``MSLoss`` raises them (NaN/inf aside: NaN in, NaN out, as
+            ``torch.nn.functional``): ``alpha``/``beta`` not > 0, ``epsilon`` < 0, a
+            non-finite ``base``, an unknown ``weighting`` or ``reduction``, embeddings that are
+            not a 2D floating-point tensor, labels that are not class ids or of another length,
+            a ``ref_emb`` without ``ref_labels`` or of another width.
 
     Example:
         >>> from pml_ms_plus.losses import MSLoss
@@ -229,15 +235,23 @@ def multi_similarity_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _blocks.get_weighting(weighting)
-    if len(labels) != len(embeddings):
-        raise ValueError(f"labels has {len(labels)} entries but embeddings has {len(embeddings)} rows")
+    _params(alpha, beta, base, base, weighting, epsilon)
+    _checks.finite_number("base", base)
+    _checks.embeddings_and_labels(embeddings, labels, False)
+    if ref_emb is not None:
+        if ref_labels is None:
+            raise ValueError("ref_labels is required with ref_emb, one per row")
+        _checks.embeddings_and_labels(ref_emb, ref_labels, False, "ref_emb", "ref_labels")
+        if ref_emb.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_emb has width {ref_emb.shape[1]} but embeddings has width {embeddings.shape[1]}"
+            )
     x = embeddings.to(_blocks.compute_dtype(embeddings.dtype))
     units = _kernel.unit_rows(x)  # normalised inside the kernel (closed-form backward)
     if ref_emb is None:
         y, ref_labels, self_index = x, labels, torch.arange(len(x), device=x.device)
     else:
-        if ref_labels is None or len(ref_labels) != len(ref_emb):
-            raise ValueError("ref_labels is required with ref_emb, one per row")
+        assert ref_labels is not None  # checked above
         y = torch.nn.functional.normalize(ref_emb.to(x.dtype), dim=1)
         self_index = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
     lam = torch.full((len(x),), float(base), dtype=x.dtype, device=x.device)

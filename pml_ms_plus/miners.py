@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity
@@ -45,11 +45,36 @@ class MultiSimilarityMiner(BaseMiner):
         self.epsilon = epsilon
         self.add_to_recordable_attributes(name="epsilon", is_stat=False)
 
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_emb: Optional[torch.Tensor] = None,
+        ref_labels: Optional[torch.Tensor] = None,
+    ) -> Any:
+        """PML's ``forward``, with the labels checked first (PML's resets the stats): class ids,
+        and ``ref_labels`` given with a ``ref_emb`` of another length (without them, as in PML,
+        the references' labels are the batch's and each anchor's pair with its own row ``i`` is
+        dropped)."""
+        _checks.label_dtype(labels, "labels")
+        _checks.label_dtype(ref_labels, "ref_labels")
+        if ref_emb is not None and ref_labels is None and len(ref_emb) != len(embeddings):
+            raise ValueError(
+                f"ref_labels is required: ref_emb has {len(ref_emb)} rows, embeddings {len(embeddings)}"
+            )
+        return super().forward(embeddings, labels, ref_emb, ref_labels)
+
     def mine(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor, ref_labels: torch.Tensor
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_emb: torch.Tensor,
+        ref_labels: Optional[torch.Tensor],
     ) -> _blocks.MinedPairs:
         _checks.label_dtype(labels, "labels")
         _checks.label_dtype(ref_labels, "ref_labels")
+        if ref_labels is None:  # (forward checked the lengths) the batch's labels, as PML pairs them
+            ref_labels = labels
         if len(embeddings) == 0 or len(ref_emb) == 0:
             empty = torch.zeros(0, dtype=torch.long, device=embeddings.device)
             return _blocks.MinedPairs(empty, empty.clone(), empty.clone(), empty.clone())

@@ -517,6 +517,29 @@ def test_refused_embeddings_leave_the_stats_alone(compiled, collector):
     assert {n: getattr(module, n) for n in names} == before
 
 
+@pytest.mark.parametrize("case", ["index_out_of_range", "pair_both_sides", "ref_emb_without_labels"])
+def test_refused_pairs_leave_the_stats_alone(case):
+    """The pairs' checks (an index tuple, a pair both positive and negative, ``ref_emb`` of
+    another length without ``ref_labels``) ran inside PML's pipeline, after it had reset the
+    stats: a refused call zeroed the last call's stats. Now they run before it, as the finite
+    check does."""
+    loss = losses.MSLoss(epsilon=0.1, collect_stats=True)
+    x, y = make_batch(27, n=16, dim=8, classes=4)
+    loss(x, y)
+    names = list(loss._record_these_stats)  # PML's list of a module's stat attributes
+    before = {n: getattr(loss, n) for n in names}
+    assert any(v != 0 for v in before.values()), before
+    i = torch.tensor([0, 1])
+    args, message = {
+        "index_out_of_range": ((x, y, (i + 16, i, i)), "anchor indices must lie in"),
+        "pair_both_sides": ((x, y, (i, i + 2, i, i + 2)), "both as positive and as negative"),
+        "ref_emb_without_labels": ((x, y, None, x[:5]), "ref_labels is required"),
+    }[case]
+    with pytest.raises(ValueError, match=message):
+        loss(*args)
+    assert {n: getattr(loss, n) for n in names} == before
+
+
 def test_anchors_without_gradient_may_change_before_the_backward():
     """The kernel keeps the raw anchors for the backward only when they need a gradient: frozen
     anchors reused by the caller after the forward (trained references) backpropagate, with

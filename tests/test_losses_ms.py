@@ -325,15 +325,47 @@ def test_bad_arguments(kwargs, message):
         losses.MSLoss(**kwargs)
 
 
-@pytest.mark.parametrize("fn", ["ms_terms", "pair_weights"])
-@pytest.mark.parametrize("kwargs, name", [(dict(alpha=-2.0), "alpha"), (dict(beta=0.0), "beta")])
-def test_functional_refuses_scales_not_above_zero(fn, kwargs, name):
-    """The dense functions check the scales as the loss does (a negative ``alpha`` used to run:
-    its losses were meaningless, -inf once the stacked sides took ``coef`` as its own magnitude)."""
+@pytest.mark.parametrize("fn", ["ms_terms", "pair_weights", "multi_similarity_loss"])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(alpha=-2.0), "alpha must be a finite number > 0"),
+        (dict(beta=0.0), "beta must be a finite number > 0"),
+        (dict(epsilon=-0.1), "epsilon must be a finite number >= 0"),
+    ],
+)
+def test_functional_refuses_what_the_loss_refuses(fn, kwargs, message):
+    """The functional entry points check the scales and the margin as the loss and the miner do
+    (a negative ``alpha`` used to run: its losses were meaningless, -inf once the stacked sides
+    took ``coef`` as its own magnitude; ``multi_similarity_loss`` returned -inf and NaN for
+    ``alpha`` -2 and ``beta`` 0, and all three took a negative ``epsilon``)."""
     S = torch.rand(3, 4, generator=torch.Generator().manual_seed(5))
     pos, neg = F_ms.pair_masks(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1, 0]))
-    with pytest.raises(ValueError, match=f"{name} must be a finite number > 0"):
-        getattr(F_ms, fn)(S, pos, neg, **kwargs)
+    x, y = torch.randn(3, 4, generator=torch.Generator().manual_seed(6)), torch.tensor([0, 0, 1])
+    with pytest.raises(ValueError, match=message):
+        if fn == "multi_similarity_loss":
+            F_ms.multi_similarity_loss(x, y, **kwargs)
+        else:
+            getattr(F_ms, fn)(S, pos, neg, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda x, y: (x, y.float(), {}), "labels must be an integer or bool tensor"),  # ran: a number
+        (lambda x, y: (x[0], y, {}), "embeddings must be a 2D tensor"),  # an IndexError
+        (lambda x, y: (x.long(), y, {}), "must be a floating-point tensor"),
+        (lambda x, y: (x, y[:2], {}), "labels has 2 entries but embeddings has 3 rows"),
+        (lambda x, y: (x, y, dict(ref_emb=x[:, :2], ref_labels=y)), "ref_emb has width 2"),  # a RuntimeError
+        (lambda x, y: (x, y, dict(ref_emb=x)), "ref_labels is required"),
+        (lambda x, y: (x, y, dict(base=float("inf"))), "base must be a finite number"),
+    ],
+)
+def test_functional_loss_refuses_bad_input_as_the_loss_does(make, message):
+    x, y = torch.randn(3, 4, generator=torch.Generator().manual_seed(6)), torch.tensor([0, 0, 1])
+    emb, labels, kwargs = make(x, y)
+    with pytest.raises(ValueError, match=message):
+        F_ms.multi_similarity_loss(emb, labels, **kwargs)
 
 
 def test_bad_miner_epsilon():

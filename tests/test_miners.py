@@ -44,6 +44,28 @@ def test_same_pairs_as_pml(device, dtype, use_ref, epsilon, dist, seed):
     assert ours_miner.num_pos_pairs == len(ours[0]) and ours_miner.num_neg_pairs == len(ours[2])
 
 
+def test_ref_emb_without_ref_labels_pairs_the_batchs_labels_each_own_row_dropped(device):
+    """``ref_emb`` of the batch's length without ``ref_labels``: PML pairs the batch's labels
+    (each anchor's row ``i`` both a positive and a negative candidate, see the README); ours
+    raised ``AttributeError: 'NoneType' object has no attribute 'to'``. Now the pairs of the
+    same labels tensor, ``(i, i)`` dropped, checked against a reference written here; another
+    length is refused by name."""
+    x, y = make_batch(4, n=16, classes=4, device=device, requires_grad=False)
+    ref, _ = make_batch(5, n=16, classes=4, device=device, requires_grad=False)
+    eps = 0.1
+    S = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(ref, dim=1).T
+    pos = (y[:, None] == y[None, :]) & ~torch.eye(16, dtype=torch.bool, device=device)
+    neg = y[:, None] != y[None, :]
+    min_pos = S.masked_fill(~pos, float("inf")).amin(1, keepdim=True)
+    max_neg = S.masked_fill(~neg, -float("inf")).amax(1, keepdim=True)
+    want_pos = {tuple(ij) for ij in (pos & (S - eps < max_neg)).nonzero().tolist()}
+    want_neg = {tuple(ij) for ij in (neg & (S + eps > min_pos)).nonzero().tolist()}
+    assert want_pos and want_neg
+    assert pair_sets(miners.MultiSimilarityMiner(eps)(x, y, ref)) == (want_pos, want_neg)
+    with pytest.raises(ValueError, match="ref_labels is required: ref_emb has 5 rows, embeddings 16"):
+        miners.MultiSimilarityMiner(eps)(x, y, ref[:5])
+
+
 @pytest.mark.parametrize("labels", [[0, 1, 2, 3], [5, 5, 5, 5]])
 def test_no_positive_or_no_negative_pairs_gives_empty(device, labels):
     x, _ = make_batch(0, n=4, device=device, requires_grad=False)

@@ -158,6 +158,12 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         ``ValueError``.
         """
         self.check_inputs(embeddings, labels, ref_emb, ref_labels, finite=False)
+        # the pairs' checks too before PML's pipeline, which resets the stats first
+        refs = embeddings if ref_emb is None else ref_emb
+        if indices_tuple is not None:  # checked once, handed on as masks (see make_problem)
+            indices_tuple = self._explicit_pairs(indices_tuple, embeddings, refs)
+        else:
+            self._check_label_defined(embeddings, labels, refs, labels if ref_emb is None else ref_labels)
         probe = _checks.finite_probe(embeddings, ref_emb) if self.check_finite else None
         # a non-finite probe (or an overflowing sum of finite values) takes the exact check; the
         # reads stay in this frame (a read in a nested call breaks the graph at every level);
@@ -198,28 +204,23 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         ``ref_emb=None`` means the batch itself. Self pairs are dropped as PML
         drops them: when ``ref_labels is labels`` (PML's loss) and, with fused
         mining (``epsilon``), when ``ref_emb is embeddings`` (PML's miner). An
-        ``indices_tuple`` becomes explicit pair masks here, once.
+        ``indices_tuple`` (PML's ``(a, p, n)`` or ``(a1, p, a2, n)``, or the
+        :class:`~pml_ms_plus.functional.PairMasks` ``forward`` made of one) becomes
+        explicit pair masks here, once.
 
         Raises:
             ValueError: labels missing without an ``indices_tuple``; a
-                ``ref_emb`` of another length without ``ref_labels``; a pair
-                listed both as positive and as negative.
+                ``ref_emb`` of another length without ``ref_labels``; a bad
+                ``indices_tuple`` (see ``forward``) or a pair listed both as
+                positive and as negative.
         """
         if ref_emb is None:
             ref_emb, ref_labels = embeddings, labels
         if indices_tuple is not None:
-            _checks.indices_tuple(indices_tuple, len(embeddings), len(ref_emb))
-            shape = (len(embeddings), len(ref_emb))
-            pairs = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
-            masks = _blocks.masks_from_pairs(pairs, shape, embeddings.device)
+            masks = self._explicit_pairs(indices_tuple, embeddings, ref_emb)
             return MSProblem(embeddings, labels, ref_emb, ref_labels, pairs=masks, references_checked=True)
-        if labels is None:
-            raise ValueError("labels are required when indices_tuple is None")
+        self._check_label_defined(embeddings, labels, ref_emb, ref_labels)
         if ref_labels is None:  # PML's rule: the batch's labels, self pairs removed
-            if len(ref_emb) != len(embeddings):
-                raise ValueError(
-                    f"ref_labels is required: ref_emb has {len(ref_emb)} rows, embeddings {len(embeddings)}"
-                )
             ref_labels = labels
         same = ref_labels is labels or (self.epsilon is not None and ref_emb is embeddings)
         self_index = _blocks.arange(len(embeddings), embeddings) if same else None  # read-only
@@ -232,6 +233,32 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             references_checked=True,
             own_diagonal=same and ref_emb is embeddings,
         )
+
+    @staticmethod
+    def _explicit_pairs(
+        indices_tuple: Union[IndicesTuple, _blocks.PairMasks], embeddings: torch.Tensor, refs: torch.Tensor
+    ) -> _blocks.PairMasks:
+        """The checked pair masks of a PML index tuple (``PairMasks`` already are)."""
+        if isinstance(indices_tuple, _blocks.PairMasks):
+            return indices_tuple
+        _checks.indices_tuple(indices_tuple, len(embeddings), len(refs))
+        pairs = lmu.convert_to_pairs(indices_tuple, None, None)  # (labels: only for a missing tuple)
+        return _blocks.masks_from_pairs(pairs, (len(embeddings), len(refs)), embeddings.device)
+
+    @staticmethod
+    def _check_label_defined(
+        embeddings: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        refs: torch.Tensor,
+        ref_labels: Optional[torch.Tensor],
+    ) -> None:
+        """Pairs from labels need labels, and references of another length their own labels."""
+        if labels is None:
+            raise ValueError("labels are required when indices_tuple is None")
+        if ref_labels is None and len(refs) != len(embeddings):
+            raise ValueError(
+                f"ref_labels is required: ref_emb has {len(refs)} rows, embeddings {len(embeddings)}"
+            )
 
     def forward_problem(self, problem: MSProblem) -> torch.Tensor:
         """The reduced loss of a prepared :class:`MSProblem`, as ``forward`` reduces it.
