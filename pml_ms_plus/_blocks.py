@@ -686,8 +686,10 @@ def side_finish(acc: torch.Tensor, shift: Shift, coef: Threshold, weighting: Wei
         total = torch.exp(-s) + acc  # exp(-s) (1 + sum exp(z))
         lse = s + torch.log(total)
         return SideLoss(lse / k, values(total).reciprocal())  # exp(s - lse) = 1 / total
-    nonempty = acc > 0  # the hardest pair alone contributes exp(0) = 1
-    lse = torch.where(nonempty, s + torch.log(torch.where(nonempty, acc, 1.0)), 0.0)
+    # the hardest pair alone contributes exp(0) = 1; a NaN sum (a pair at +-inf on the harmful side,
+    # inf - inf) is not taken for an empty side: NaN, as the "ms" weighting gives
+    empty = acc <= 0
+    lse = torch.where(empty, 0.0, s + torch.log(torch.where(empty, 1.0, acc)))
     return SideLoss(lse / k, torch.exp(s - values(lse)))
 
 

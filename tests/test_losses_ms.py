@@ -862,6 +862,55 @@ def test_embeddings_that_are_not_floating_point_are_refused_everywhere(device, e
         assert torch.equal(before[key], value), key
 
 
+@pytest.mark.parametrize("weighting", ["ms", "relative", "self"])
+@pytest.mark.parametrize("side", ["negative_at_plus_inf", "positive_at_minus_inf"])
+def test_a_similarity_at_inf_on_the_harmful_side_gives_no_finite_loss(weighting, side):
+    """A negative pair at +inf or a positive at -inf (a dot product that overflowed): the formula
+    and PML give +inf; ours NaN (the side's shift is inf - inf, see the README), and never a
+    finite number -- ``"relative"`` took the NaN sum for an empty side and returned a finite loss
+    without that side."""
+    inf = float("inf")
+    S = (
+        torch.tensor([[0.2, 0.9, inf]])
+        if side == "negative_at_plus_inf"
+        else torch.tensor([[-inf, 0.9, 0.1]])
+    )
+    pos, neg = torch.tensor([[True, False, False]]), torch.tensor([[False, True, True]])
+    assert not torch.isfinite(F_ms.ms_terms(S, pos, neg, weighting=weighting).losses).any()
+    # through the loss, the fused and the dense path: unnormalised dot products that overflow
+    x = torch.tensor([[1e20, 0.0], [1e20, 1.0], [0.5, 0.5], [0.4, 0.6]])
+    y = torch.tensor([0, 1, 0, 1]) if side == "negative_at_plus_inf" else torch.tensor([0, 0, 1, 1])
+    if side == "positive_at_minus_inf":
+        x[1, 0] = -1e20
+    dot = pml_distances.DotProductSimilarity(normalize_embeddings=False)
+    assert not torch.isfinite(pml_losses.MultiSimilarityLoss(distance=dot)(x, y))
+    for fused in (None, False):
+        loss = losses.MSLoss(distance=dot, weighting=weighting, fused=fused)(x, y)
+        assert not torch.isfinite(loss), (fused, loss)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_do_nothing_reducer_when_the_mining_keeps_no_pair_gives_pmls_zero_loss(device, fused):
+    """No positive pair in the batch, so the mining keeps no negative either: PML (miner + loss)
+    returns its zero loss dict; the fused path returned (B, 1) element zeros (the dense path
+    PML's dict), so what ``DoNothingReducer`` handed back depended on the path."""
+    x, y = make_batch(28, n=5, dim=4, device=device)
+    y = torch.arange(5, device=device)
+    reducer = pml_reducers.DoNothingReducer
+    tup = pml_miners.MultiSimilarityMiner(0.1)(x, y)
+    assert [len(t) for t in tup] == [0, 0, 0, 0]
+    want = pml_losses.MultiSimilarityLoss(reducer=reducer())(x, y, tup)["loss"]
+    got = losses.MSLoss(epsilon=0.1, reducer=reducer(), fused=fused)(x, y)["loss"]
+    assert got == want == {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
+    # and where the mining keeps pairs, the element losses (the fused path counts them to tell)
+    y = torch.arange(5, device=device) % 2
+    tup = pml_miners.MultiSimilarityMiner(0.1)(x, y)
+    want = pml_losses.MultiSimilarityLoss(reducer=reducer())(x, y, tup)["loss"]
+    got = losses.MSLoss(epsilon=0.1, reducer=reducer(), fused=fused)(x, y)["loss"]
+    assert got["reduction_type"] == want["reduction_type"] == "element"
+    assert_close(got["losses"], want["losses"], torch.float32)
+
+
 def test_do_nothing_reducer_gives_pmls_shape(device):
     x, y = make_batch(21, n=10, dim=4, device=device)
     got = losses.MSLoss(reducer=pml_reducers.DoNothingReducer())(x, y)["loss"]["losses"]

@@ -287,8 +287,10 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             self._record(None)  # no pairs: PML's zero loss (no distance computed, as PML computes none)
             return self.zero_losses()
         terms, fused = self._terms_and_path(problem)
-        if not fused and self._kept_no_pair(problem, terms):
-            self._record(None)  # PML's zero loss, the graph through the distance dropped
+        # the dense path: PML's zero loss, the graph through the distance dropped; the fused path
+        # (whose closed-form backward is finite) where the reducer hands the dict itself back
+        if (not fused or self._hands_back_the_dict()) and self._kept_no_pair(problem, terms):
+            self._record(None)
             return self.zero_losses()
         self._record(terms)
         losses = terms.losses
@@ -315,6 +317,12 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         if problem.pairs is None and self.epsilon is None:
             return False
         return not bool((terms.num_pos.sum() + terms.num_neg.sum()) > 0)
+
+    def _hands_back_the_dict(self) -> bool:
+        """Whether the reducer returns the loss dict itself (PML's ``DoNothingReducer``): its form,
+        PML's zero loss or element losses, is then seen, so the fused path counts the kept pairs
+        to tell (one host read)."""
+        return isinstance(self.reducer, pml_reducers.DoNothingReducer)
 
     @staticmethod
     def _only_self_pair(problem: MSProblem) -> bool:
@@ -423,7 +431,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             epsilon=self.epsilon,
             chunk_size=self.chunk_size,
             memory_budget=self.memory_budget,
-            counts=self.collect_stats,
+            counts=self.collect_stats or self._hands_back_the_dict(),
             ref_norm_p=ref_norm_p,
             anchor_units=units,
             compile_blocks=self.compile_blocks,
