@@ -71,34 +71,56 @@ def all_gather(t: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
 
 
 _EMBEDDING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # codes 0-3; -1: other
+_DEVICE_TYPES = ("cpu", "cuda")  # codes 0-1; -1: other
 
 
 def _collective_device(like: Any) -> torch.device:
-    """Where a small collective's tensor lives: beside ``like`` (a tensor); without one, on the
-    current CUDA device under NCCL (which takes CUDA tensors only), else on the CPU."""
-    if torch.is_tensor(like):
-        return like.device
+    """Where a small collective's tensor lives: under NCCL (CUDA tensors only) on the current
+    CUDA device whatever ``like`` is; else beside ``like`` (a tensor), or on the CPU."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return like.device if torch.is_tensor(like) else torch.device("cpu")
 
 
-def agree_on_inputs(who: str, embeddings: Any, error: Optional[ValueError]) -> None:
+def _code(value: Any, table: Tuple[Any, ...]) -> int:
+    return table.index(value) if value in table else -1
+
+
+# what every rank must agree on: (column name for the message, how a code reads back)
+_AGREED = (
+    ("batch sizes", None),
+    ("embedding widths", None),
+    ("embedding dtypes", lambda c: str(_EMBEDDING_DTYPES[c]).replace("torch.", "") if c >= 0 else "other"),
+    ("devices", lambda c: _DEVICE_TYPES[c] if c >= 0 else "other"),
+    ("enqueue masks (given or not)", lambda c: bool(c)),
+    ("embeddings requiring grad (or not)", lambda c: bool(c)),
+)
+
+
+def agree_on_inputs(who: str, embeddings: Any, error: Optional[ValueError], masked: bool = False) -> None:
     """Every rank's verdict on its own input, exchanged before anything is gathered: one
-    all-gather of four integers per rank (refused, rows, width, dtype), read on the host.
+    all-gather of seven integers per rank (refused; rows, width, dtype, device type, ``masked``:
+    an enqueue mask given, whether the embeddings require grad), read on the host.
 
     Raises ``ValueError`` on every rank alike when any rank's input was refused (``error``, that
-    rank's own check: it raises its own error, the others name the rank), or when the ranks pass
-    different numbers of rows, widths or dtypes -- so that no rank goes on alone into a gather its
-    peers never join (it would wait there until the process group's timeout), and no rank's
-    state (a memory) changes while another's does not."""
+    rank's own check: it raises its own error, the others name the rank), or when the ranks differ
+    in any of the six -- each decides the collectives that follow (their sizes, an extra gather of
+    the mask, a backward that all-reduces), so that no rank goes on alone into a collective its
+    peers never join (it would wait there until the process group's timeout, or gloo aborts the
+    process), and no rank's state (a memory) changes while another's does not."""
     if error is None:
         rows, width = embeddings.shape
-        dtype = embeddings.dtype
-        code = _EMBEDDING_DTYPES.index(dtype) if dtype in _EMBEDDING_DTYPES else -1
-        verdict = [0, rows, width, code]
+        verdict = [
+            0,
+            rows,
+            width,
+            _code(embeddings.dtype, _EMBEDDING_DTYPES),
+            _code(embeddings.device.type, _DEVICE_TYPES),
+            int(masked),
+            int(embeddings.requires_grad),
+        ]
     else:
-        verdict = [1, -1, -1, -1]
+        verdict = [1] + [-1] * len(_AGREED)
     table = _gather_parts(torch.tensor([verdict], device=_collective_device(embeddings))).tolist()
     refused = [r for r, row in enumerate(table) if row[0]]
     if error is not None:
@@ -109,14 +131,11 @@ def agree_on_inputs(who: str, embeddings: Any, error: Optional[ValueError]) -> N
             f"{who}: the input of rank {ranks} was refused (its error there names the problem); "
             "every rank refuses this call"
         )
-    for column, what in ((1, "batch sizes"), (2, "embedding widths")):
-        values = [row[column] for row in table]
-        if len(set(values)) > 1:
-            raise ValueError(f"{who} needs equal {what} on every rank, got {values}")
-    codes = [row[3] for row in table]
-    if len(set(codes)) > 1:
-        names = [str(_EMBEDDING_DTYPES[c]).replace("torch.", "") if c >= 0 else "other" for c in codes]
-        raise ValueError(f"{who} needs embeddings of one dtype on every rank, got {names}")
+    for column, (what, read) in enumerate(_AGREED, start=1):
+        codes = [row[column] for row in table]
+        if len(set(codes)) > 1:
+            shown = codes if read is None else [read(c) for c in codes]
+            raise ValueError(f"{who} needs equal {what} on every rank, got {shown}")
 
 
 def input_error(check: Callable[[], None]) -> Optional[ValueError]:
@@ -136,6 +155,18 @@ def _average_hook(param: torch.Tensor) -> None:
     if param.grad is not None and is_distributed() and dist.get_world_size() > 1:
         dist.all_reduce(param.grad)
         param.grad.div_(dist.get_world_size())
+
+
+def reaching_parameters(loss: torch.Tensor, params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """``loss`` plus zero times each parameter that requires grad: the same value, and a graph
+    that reaches every such parameter, so that each rank's backward accumulates a gradient into
+    it and its averaging hook (:func:`average_gradients_in_backward`, an all-reduce) runs on every
+    rank -- also on a rank whose loss did not involve it (no anchors, a mining that kept no pair),
+    which would otherwise leave its peers waiting in that all-reduce."""
+    for p in params:
+        if p.requires_grad:
+            loss = loss + (p * 0).sum()
+    return loss
 
 
 def average_gradients_in_backward(params: Iterable[torch.nn.Parameter]) -> None:

@@ -223,7 +223,8 @@ def multi_similarity_loss(
             ``torch.nn.functional``): ``alpha``/``beta`` not > 0, ``epsilon`` < 0, a
             non-finite ``base``, an unknown ``weighting`` or ``reduction``, embeddings that are
             not a 2D floating-point tensor, labels that are not class ids or of another length,
-            a ``ref_emb`` without ``ref_labels`` or of another width.
+            a ``ref_emb`` of another width, or without ``ref_labels`` (required here, whatever
+            its length).
 
     Example:
         >>> from pml_ms_plus.losses import MSLoss

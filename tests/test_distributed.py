@@ -218,6 +218,42 @@ def agreement_worker(rank):
         gathered=GatheredMSLoss(losses.MSLoss())(x, small).detach(),
         memory=losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).double()(x, small).detach(),
     )
+    # shares that differ in what decides the collectives that follow: refused on every rank
+    mismatches = {
+        "dtype": lambda: ((x.float() if rank == 1 else x), y, None),
+        "mask": lambda: (x, y, torch.arange(LOCAL) < 3 if rank == 0 else None),
+        "grad": lambda: (x.clone().requires_grad_(rank == 0), y, None),
+    }
+    for case, make in mismatches.items():
+        xbm = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).double()
+        mx, my, mask = make()
+        out[f"mismatch-{case}"] = dict(
+            memory=outcome(lambda: xbm(mx, my, enqueue_mask=mask)),  # noqa: B023
+            queue_idx=xbm.queue_idx,
+            gathered=outcome(lambda: GatheredMSLoss(losses.MSLoss())(mx, my)),  # noqa: B023
+        )
+    # a rank without anchors (every row enqueued) under learned thresholds: its loss did not reach
+    # the thresholds, so its backward skipped their averaging all-reduce and rank 0 waited in it
+    learned = losses.CrossBatchMemory(
+        losses.AdaptiveMSLoss(epsilon=0.1, margin_mode="learned", num_classes=9, margin=0.05),
+        DIM,
+        memory_size=MEMORY,
+    ).double()
+    zero = []
+    for step in range(2):
+        bx, by, _ = masked_batch(step)
+        mine = bx[local].clone().requires_grad_(True)
+        everything = torch.ones(LOCAL, dtype=torch.bool) if rank == 1 else torch.arange(LOCAL) < 4
+        learned.zero_grad()
+        value = learned(mine, by[local], enqueue_mask=everything)
+        value.backward()
+        zero.append(
+            dict(loss=value.detach(), grad=mine.grad, thresholds=learned.loss.thresholds.grad.clone())
+        )
+    out["zero-anchors"] = zero
+    # a collapsed model's batch (every row alike, on every rank) is not taken for a gathered one
+    xbm3 = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).double()
+    out["collapsed"] = outcome(lambda: xbm3(torch.ones(LOCAL, DIM, dtype=torch.float64), y))
     # distinct rows whose projections (the check's ordering key) coincide: not "gathered already"
     rows = [[[2.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.5]]][rank]
     xbm2 = losses.CrossBatchMemory(losses.MSLoss(), 2, memory_size=8).double()
@@ -449,3 +485,51 @@ def test_distinct_rows_that_project_alike_are_not_taken_for_a_gathered_batch(sav
     rank, about once in 1,000 steps)."""
     for s in saved:
         assert s["agreement"]["alike"] == "no error"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("dtype", "needs equal embedding dtypes on every rank, got ['float64', 'float32']"),  # gloo aborted
+        ("mask", "needs equal enqueue masks (given or not) on every rank, got [True, False]"),  # gloo aborted
+        ("grad", "needs equal embeddings requiring grad (or not) on every rank, got [True, False]"),
+    ],
+)
+def test_shares_that_differ_in_what_decides_the_collectives_are_refused_on_every_rank(saved, case, message):
+    """Embeddings of two dtypes, an enqueue mask on one rank only (one more gather there), or
+    embeddings requiring grad on one rank only (a backward that all-reduces there alone): every
+    rank refuses the call and the memory is untouched."""
+    for s in saved:
+        r = s["agreement"][f"mismatch-{case}"]
+        assert message in r["memory"] and r["queue_idx"] == 0, r
+        if case != "mask":
+            assert message in r["gathered"], r
+
+
+def test_a_rank_without_anchors_under_learned_thresholds_matches_one_process(saved):
+    """Rank 1 enqueues every row (no anchors): its loss reached no threshold, its backward skipped
+    the thresholds' averaging all-reduce and rank 0 waited there (the spawn timed out). Now both
+    backpropagate, and loss, gradients and the thresholds' gradient are one process's."""
+    single = losses.CrossBatchMemory(
+        losses.AdaptiveMSLoss(epsilon=0.1, margin_mode="learned", num_classes=9, margin=0.05),
+        DIM,
+        memory_size=MEMORY,
+    ).double()
+    for step in range(2):
+        x, y, _ = masked_batch(step)
+        mask = torch.cat([torch.arange(LOCAL) < 4, torch.ones(LOCAL, dtype=torch.bool)])
+        x.requires_grad_(True)
+        single.zero_grad()
+        expected = single(x, y, enqueue_mask=mask)
+        expected.backward()
+        per_rank = [s["agreement"]["zero-anchors"][step] for s in saved]
+        torch.testing.assert_close(sum(r["loss"] for r in per_rank) / WORLD, expected.detach())
+        for r, rec in enumerate(per_rank):
+            torch.testing.assert_close(rec["grad"] / WORLD, x.grad[r * LOCAL : (r + 1) * LOCAL])
+            torch.testing.assert_close(rec["thresholds"], single.loss.thresholds.grad)
+        assert single.loss.thresholds.grad.abs().max() > 0
+
+
+def test_a_collapsed_batch_is_not_taken_for_a_gathered_one(saved):
+    for s in saved:
+        assert s["agreement"]["collapsed"] == "no error"

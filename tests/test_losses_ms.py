@@ -457,6 +457,7 @@ def _index_tuple(device, dtype=torch.long, **change):
         (lambda d: _index_tuple(d, n=[2, -1, 0]), r"negative indices must lie in \[0, 5\)"),  # PML wraps it
         (lambda d: _index_tuple(d, a1=[0, 1, 9]), r"anchor indices must lie in \[0, 5\)"),
         (lambda d: _index_tuple(d)[:3][:2], "must be"),
+        (lambda d: F_ms.pair_masks(torch.tensor([0, 0, 1, 1, 2], device=d)), "must be"),  # masks: not PML's
         (lambda d: _index_tuple(d, a2=[0, 2]), "lengths differ"),
     ],
 )

@@ -130,11 +130,14 @@ class GatheredMSLoss(torch.nn.Module):
         everyone = _distributed.all_gather(embeddings, grad=True)
         everyone_labels = _distributed.all_gather(labels)
         if self.anchors == "all":
-            return self.loss(everyone, everyone_labels)
-        problem = MSProblem.against_gathered(
-            embeddings, labels, everyone, everyone_labels, _distributed.rank()
-        )
-        return self.loss.forward_problem(problem)
+            loss = self.loss(everyone, everyone_labels)
+        else:
+            problem = MSProblem.against_gathered(
+                embeddings, labels, everyone, everyone_labels, _distributed.rank()
+            )
+            loss = self.loss.forward_problem(problem)
+        # the loss's own parameters averaged in backward on every rank alike
+        return _distributed.reaching_parameters(loss, self.loss.parameters())
 
     def _check_share(self, embeddings: torch.Tensor, labels: torch.Tensor, by_the_loss: bool = True) -> None:
         """This rank's share: a 2D tensor and a tensor of class ids; ``by_the_loss``: also as the

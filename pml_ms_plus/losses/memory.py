@@ -293,7 +293,7 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             error = _distributed.input_error(
                 lambda: self._check_inputs(embeddings, labels, indices_tuple, enqueue_mask, world)
             )
-            _distributed.agree_on_inputs("CrossBatchMemory", embeddings, error)
+            _distributed.agree_on_inputs("CrossBatchMemory", embeddings, error, enqueue_mask is not None)
         else:
             self._check_inputs(embeddings, labels, indices_tuple, enqueue_mask, world)
         self.reset_stats()
@@ -328,7 +328,8 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             iteration = self._host_state().iteration
             self._set_host_state(self._host_state()._replace(iteration=iteration + 1))
             if iteration < self.start_iteration:
-                return self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
+                loss = self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
+                return _distributed.reaching_parameters(loss, self.loss.parameters()) if gathered else loss
             loss = self._memory_loss(anchors, anchor_labels, self_index, indices_tuple, enqueue_mask is None)
             if gathered and enqueue_mask is not None and reduces_by_mean(self.loss):
                 # ranks hold different numbers of anchors: each rank's mean weighted by its share,
@@ -341,6 +342,8 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             if self.batch_weight:
                 in_batch = self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
                 loss = loss + self.batch_weight * in_batch
+            if gathered:  # the loss's own parameters averaged in backward on every rank alike
+                loss = _distributed.reaching_parameters(loss, self.loss.parameters())
             if self._use is not None and isinstance(loss, torch.Tensor) and loss.requires_grad:
                 self._use.watch(loss)  # what the caller backpropagates
             return loss

@@ -158,10 +158,12 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         ``ValueError``.
         """
         self.check_inputs(embeddings, labels, ref_emb, ref_labels, finite=False)
-        # the pairs' checks too before PML's pipeline, which resets the stats first
+        # the pairs' checks too before PML's pipeline, which resets the stats first; PML's tuple is
+        # handed on as it came (compute_loss, a hook subclasses override, gets what PML's gets) and
+        # make_problem turns it into masks: twice for explicit pairs, which take the dense path
         refs = embeddings if ref_emb is None else ref_emb
-        if indices_tuple is not None:  # checked once, handed on as masks (see make_problem)
-            indices_tuple = self._explicit_pairs(indices_tuple, embeddings, refs)
+        if indices_tuple is not None:
+            self._explicit_pairs(indices_tuple, embeddings, refs)
         else:
             self._check_label_defined(embeddings, labels, refs, labels if ref_emb is None else ref_labels)
         probe = _checks.finite_probe(embeddings, ref_emb) if self.check_finite else None
@@ -204,9 +206,8 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         ``ref_emb=None`` means the batch itself. Self pairs are dropped as PML
         drops them: when ``ref_labels is labels`` (PML's loss) and, with fused
         mining (``epsilon``), when ``ref_emb is embeddings`` (PML's miner). An
-        ``indices_tuple`` (PML's ``(a, p, n)`` or ``(a1, p, a2, n)``, or the
-        :class:`~pml_ms_plus.functional.PairMasks` ``forward`` made of one) becomes
-        explicit pair masks here, once.
+        ``indices_tuple`` (PML's ``(a, p, n)`` or ``(a1, p, a2, n)``) becomes explicit pair
+        masks here.
 
         Raises:
             ValueError: labels missing without an ``indices_tuple``; a
@@ -236,11 +237,9 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
 
     @staticmethod
     def _explicit_pairs(
-        indices_tuple: Union[IndicesTuple, _blocks.PairMasks], embeddings: torch.Tensor, refs: torch.Tensor
+        indices_tuple: IndicesTuple, embeddings: torch.Tensor, refs: torch.Tensor
     ) -> _blocks.PairMasks:
-        """The checked pair masks of a PML index tuple (``PairMasks`` already are)."""
-        if isinstance(indices_tuple, _blocks.PairMasks):
-            return indices_tuple
+        """The checked pair masks of a PML index tuple (``ValueError`` naming what is wrong)."""
         _checks.indices_tuple(indices_tuple, len(embeddings), len(refs))
         pairs = lmu.convert_to_pairs(indices_tuple, None, None)  # (labels: only for a missing tuple)
         return _blocks.masks_from_pairs(pairs, (len(embeddings), len(refs)), embeddings.device)
@@ -431,7 +430,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
             epsilon=self.epsilon,
             chunk_size=self.chunk_size,
             memory_budget=self.memory_budget,
-            counts=self.collect_stats or self._hands_back_the_dict(),
+            counts=self.collect_stats or (self.epsilon is not None and self._hands_back_the_dict()),
             ref_norm_p=ref_norm_p,
             anchor_units=units,
             compile_blocks=self.compile_blocks,
