@@ -93,21 +93,26 @@ _AGREED = (
     ("embedding dtypes", lambda c: str(_EMBEDDING_DTYPES[c]).replace("torch.", "") if c >= 0 else "other"),
     ("devices", lambda c: _DEVICE_TYPES[c] if c >= 0 else "other"),
     ("enqueue masks (given or not)", lambda c: bool(c)),
+    ("index tuples (given or not)", lambda c: bool(c)),
     ("embeddings requiring grad (or not)", lambda c: bool(c)),
 )
 
 
-def agree_on_inputs(who: str, embeddings: Any, error: Optional[ValueError], masked: bool = False) -> None:
+def agree_on_inputs(
+    who: str, embeddings: Any, error: Optional[Exception], *, masked: bool = False, tupled: bool = False
+) -> None:
     """Every rank's verdict on its own input, exchanged before anything is gathered: one
-    all-gather of seven integers per rank (refused; rows, width, dtype, device type, ``masked``:
-    an enqueue mask given, whether the embeddings require grad), read on the host.
+    all-gather of eight integers per rank (refused; rows, width, dtype, device type, ``masked``:
+    an enqueue mask given, ``tupled``: an index tuple given, whether the embeddings require
+    grad), read on the host.
 
-    Raises ``ValueError`` on every rank alike when any rank's input was refused (``error``, that
-    rank's own check: it raises its own error, the others name the rank), or when the ranks differ
-    in any of the six -- each decides the collectives that follow (their sizes, an extra gather of
-    the mask, a backward that all-reduces), so that no rank goes on alone into a collective its
-    peers never join (it would wait there until the process group's timeout, or gloo aborts the
-    process), and no rank's state (a memory) changes while another's does not."""
+    Raises on every rank alike when any rank's input was refused (``error``, that rank's own
+    check: it raises its own error, the others a ``ValueError`` naming the rank), or
+    ``ValueError`` when the ranks differ in any of the seven -- each decides the collectives that
+    follow (their sizes, an extra gather of the mask, an exchange of outcomes, a backward that
+    all-reduces), so that no rank goes on alone into a collective its peers never join (it would
+    wait there until the process group's timeout, or gloo aborts the process), and no rank's state
+    (a memory) changes while another's does not."""
     if error is None:
         rows, width = embeddings.shape
         verdict = [
@@ -117,6 +122,7 @@ def agree_on_inputs(who: str, embeddings: Any, error: Optional[ValueError], mask
             _code(embeddings.dtype, _EMBEDDING_DTYPES),
             _code(embeddings.device.type, _DEVICE_TYPES),
             int(masked),
+            int(tupled),
             int(embeddings.requires_grad),
         ]
     else:
@@ -138,12 +144,29 @@ def agree_on_inputs(who: str, embeddings: Any, error: Optional[ValueError], mask
             raise ValueError(f"{who} needs equal {what} on every rank, got {shown}")
 
 
-def input_error(check: Callable[[], None]) -> Optional[ValueError]:
-    """The ``ValueError`` that ``check()`` raises, or ``None``: a rank's verdict on its own
-    input for :func:`agree_on_inputs`."""
+def agree_on_outcome(who: str, failure: Optional[Exception], like: torch.Tensor) -> Optional[Exception]:
+    """Every rank's outcome of a step that may fail on one rank alone, exchanged (one all-gather
+    of one integer per rank, read on the host): this rank's own ``failure``, else a ``ValueError``
+    naming the ranks that failed, else ``None`` -- the same verdict on every rank, for a caller
+    that then undoes the step everywhere or nowhere (``like``: a tensor of the step, for the
+    collective's device)."""
+    flag = torch.tensor([int(failure is not None)], device=_collective_device(like))
+    failed = [r for r, f in enumerate(_gather_parts(flag).tolist()) if f]
+    if failure is not None or not failed:
+        return failure
+    ranks = ", ".join(map(str, failed))
+    return ValueError(
+        f"{who}: the call failed on rank {ranks} (its error there names the problem); every rank refuses it"
+    )
+
+
+def input_error(check: Callable[[], None]) -> Optional[Exception]:
+    """The exception that ``check()`` raises (a ``ValueError`` naming the problem, or whatever
+    else a check meets), or ``None``: a rank's verdict on its own input for
+    :func:`agree_on_inputs`, which every rank must reach."""
     try:
         check()
-    except ValueError as error:
+    except Exception as error:  # any: a rank that raised alone would leave the others waiting
         return error
     return None
 

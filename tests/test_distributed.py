@@ -251,6 +251,40 @@ def agreement_worker(rank):
             dict(loss=value.detach(), grad=mine.grad, thresholds=learned.loss.thresholds.grad.clone())
         )
     out["zero-anchors"] = zero
+    # a step that fails after the gather on one rank alone: rank 0's tuple lists a pair as both
+    # positive and negative (found once joined with the label pairs); rank 1's tuple is sound
+    xbm4 = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).double()
+    xbm4(x, y)
+    before = {k: v.clone() for k, v in xbm4.state_dict().items()}
+    q = xbm4.queue_idx + rank * LOCAL  # this rank's rows' slots once enqueued: q, q + 1, ...
+    i = torch.tensor([0])
+    tup = (i, i + q + 1, i + q + 1) if rank == 0 else (i, i + q + 1, i + q + 2)  # rows 0, 1 share a label
+    out["late-failure"] = dict(
+        message=outcome(lambda: xbm4(x, y, tup)),
+        unchanged=all(torch.equal(v, xbm4.state_dict()[k]) for k, v in before.items()),
+        after=xbm4(x, y).detach(),
+    )
+    # uint16 labels on one rank (class ids): the memory, and learned thresholds over the gathered batch
+    wide = y.to(torch.uint16) if rank == 1 else y
+    learned_loss = losses.AdaptiveMSLoss(margin_mode="learned", num_classes=4).double()
+    out["uint16"] = dict(
+        memory=losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).double()(x, wide).detach(),
+        gathered=GatheredMSLoss(learned_loss)(x, wide).detach(),
+    )
+    # an embedding regularizer (PML then holds MultipleReducers of MeanReducers) under a mask
+    from pytorch_metric_learning.regularizers import LpRegularizer
+
+    regularized = losses.CrossBatchMemory(
+        losses.MSLoss(embedding_regularizer=LpRegularizer()), DIM, memory_size=MEMORY
+    ).double()
+    reg = []
+    for step in range(2):
+        bx, by, mask = masked_batch(step)
+        mine = bx[local].clone().requires_grad_(True)
+        value = regularized(mine, by[local], enqueue_mask=mask[local])
+        (grad,) = torch.autograd.grad(value, mine)
+        reg.append(dict(loss=value.detach(), grad=grad))
+    out["regularized"] = reg
     # a collapsed model's batch (every row alike, on every rank) is not taken for a gathered one
     xbm3 = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).double()
     out["collapsed"] = outcome(lambda: xbm3(torch.ones(LOCAL, DIM, dtype=torch.float64), y))
@@ -533,3 +567,55 @@ def test_a_rank_without_anchors_under_learned_thresholds_matches_one_process(sav
 def test_a_collapsed_batch_is_not_taken_for_a_gathered_one(saved):
     for s in saved:
         assert s["agreement"]["collapsed"] == "no error"
+
+
+def test_a_step_that_fails_after_the_gather_on_one_rank_is_undone_on_every_rank(saved):
+    """Rank 0's index tuple lists a pair on both sides once joined with the label pairs, which
+    only the step itself finds: rank 0 raised and undid its enqueue, rank 1 returned a loss and
+    kept the batch (the memories differed from then on). Now the ranks exchange their outcome
+    when a tuple or a miner is given: both raise, both memories are as before, both go on."""
+    for rank, s in enumerate(saved):
+        r = s["agreement"]["late-failure"]
+        if rank == 0:
+            assert "both as positive and as negative" in r["message"], r
+        else:
+            assert "the call failed on rank 0" in r["message"], r
+        assert r["unchanged"]
+    x, y = full_batch(0)
+    single = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).double()
+    single(x, y % 4)
+    want = single(x, y % 4)
+    torch.testing.assert_close(sum(s["agreement"]["late-failure"]["after"] for s in saved) / WORLD, want)
+
+
+def test_uint16_labels_on_one_rank_match_one_process(saved):
+    """uint16 labels (class ids) on rank 1: the memory's anchors kept them and the kernel refused
+    to compare them with the gathered int64 labels after the gather, on that rank alone; learned
+    thresholds could not take their range (min/max are not defined for uint16) and that rank
+    never reached the exchange of verdicts."""
+    x, y = full_batch(0)
+    y = y % 4
+    got = [s["agreement"]["uint16"] for s in saved]
+    single = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).double()
+    torch.testing.assert_close(sum(g["memory"] for g in got) / WORLD, single(x, y))
+    learned = losses.AdaptiveMSLoss(margin_mode="learned", num_classes=4).double()
+    torch.testing.assert_close(sum(g["gathered"] for g in got) / WORLD, learned(x, y))
+
+
+def test_a_masked_memory_with_an_embedding_regularizer_matches_one_process(saved):
+    """PML holds a loss with a regularizer's reducers as MultipleReducers (MeanReducers here),
+    which was not taken for a mean: the masked memory's per-rank weighting was skipped."""
+    from pytorch_metric_learning.regularizers import LpRegularizer
+
+    single = losses.CrossBatchMemory(
+        losses.MSLoss(embedding_regularizer=LpRegularizer()), DIM, memory_size=MEMORY
+    ).double()
+    for step in range(2):
+        x, y, mask = masked_batch(step)
+        x.requires_grad_(True)
+        expected = single(x, y, enqueue_mask=mask)
+        (expected_grad,) = torch.autograd.grad(expected, x)
+        per_rank = [s["agreement"]["regularized"][step] for s in saved]
+        torch.testing.assert_close(sum(r["loss"] for r in per_rank) / WORLD, expected.detach())
+        for r, rec in enumerate(per_rank):
+            torch.testing.assert_close(rec["grad"] / WORLD, expected_grad[r * LOCAL : (r + 1) * LOCAL])

@@ -104,11 +104,14 @@ class AdaptiveMSLoss(MultiSimilarityLoss):
         if labels is None:
             raise ValueError("margin_mode='learned' needs labels")
         assert self.num_classes is not None  # learned mode has it
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, num_classes={self.num_classes}) for margin_mode='learned', "
-                f"got values in [{int(labels.min())}, {int(labels.max())}]"
-            )
+        if len(labels):
+            # one host read; long: min/max are not defined for uint16-64
+            low, high = torch.stack(labels.long().aminmax()).tolist()
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(
+                    f"labels must lie in [0, num_classes={self.num_classes}) for margin_mode='learned', "
+                    f"got values in [{low}, {high}]"
+                )
 
     def problem_thresholds(self, problem: MSProblem, sims: Similarities) -> Thresholds:
         """``centre -+ margin`` per anchor: the anchor's mid-point (``"anchor"``, from
@@ -119,7 +122,9 @@ class AdaptiveMSLoss(MultiSimilarityLoss):
             centre = anchor_centres(sims.row_sums(), default=sign * self.base).to(sims.dtype)
         else:
             assert problem.labels is not None  # checked: learned mode needs labels
-            labels = problem.labels.to(self.thresholds.device)
+            labels = problem.labels.to(
+                device=self.thresholds.device, dtype=torch.long
+            )  # (uint16-64 do not index)
             centre = sign * self.thresholds[labels].to(device=sims.device, dtype=sims.dtype)
         if self.collect_stats:
             with torch.no_grad():

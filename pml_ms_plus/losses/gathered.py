@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pytorch_metric_learning.reducers import MeanReducer
+from pytorch_metric_learning.reducers import MeanReducer, MultipleReducers
 
 from .. import _distributed
 from .ms import MultiSimilarityLoss
@@ -14,11 +14,19 @@ from .problem import MSProblem
 ANCHOR_MODES = ("auto", "local", "all")
 
 
+def _means(reducer: Any) -> bool:
+    """PML's ``MeanReducer``, or its ``MultipleReducers`` of them (what a loss with an embedding
+    regularizer holds: one reducer per sub-loss, their results summed)."""
+    if type(reducer) is MultipleReducers:
+        return _means(reducer.default_reducer) and all(_means(r) for r in reducer.reducers.values())
+    return type(reducer) is MeanReducer
+
+
 def reduces_by_mean(loss: MultiSimilarityLoss) -> bool:
     """Whether ``loss`` reduces its per-anchor losses (and its embedding regularizer, if any) with
     PML's ``MeanReducer``: then the mean over ranks of per-rank means is the global mean."""
     reg = getattr(loss, "embedding_regularizer", None)
-    return type(loss.reducer) is MeanReducer and (reg is None or type(reg.reducer) is MeanReducer)
+    return _means(loss.reducer) and (reg is None or _means(reg.reducer))
 
 
 class GatheredMSLoss(torch.nn.Module):

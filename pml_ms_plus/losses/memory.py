@@ -293,12 +293,18 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             error = _distributed.input_error(
                 lambda: self._check_inputs(embeddings, labels, indices_tuple, enqueue_mask, world)
             )
-            _distributed.agree_on_inputs("CrossBatchMemory", embeddings, error, enqueue_mask is not None)
+            _distributed.agree_on_inputs(
+                "CrossBatchMemory",
+                embeddings,
+                error,
+                masked=enqueue_mask is not None,
+                tupled=indices_tuple is not None,
+            )
         else:
             self._check_inputs(embeddings, labels, indices_tuple, enqueue_mask, world)
         self.reset_stats()
         device = embeddings.device
-        labels = labels.to(device)
+        labels = labels.to(device=device, dtype=torch.long)  # class ids, as the memory stores them
         if self.embedding_memory.device != device:
             self.to(device)
         if enqueue_mask is not None:
@@ -323,33 +329,47 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
             self_index = torch.full((len(anchors),), -1, dtype=torch.long, device=device)
 
         undo = self._snapshot(len(queue_emb))
+        failure: Optional[Exception] = None
         try:  # anything that fails from here on leaves the memory as it was
             self.add_to_memory(queue_emb, queue_labels)
             iteration = self._host_state().iteration
             self._set_host_state(self._host_state()._replace(iteration=iteration + 1))
             if iteration < self.start_iteration:
                 loss = self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
-                return _distributed.reaching_parameters(loss, self.loss.parameters()) if gathered else loss
-            loss = self._memory_loss(anchors, anchor_labels, self_index, indices_tuple, enqueue_mask is None)
-            if gathered and enqueue_mask is not None and reduces_by_mean(self.loss):
-                # ranks hold different numbers of anchors: each rank's mean weighted by its share,
-                # so that the mean over ranks is the mean over every anchor, as in one process
-                anchors_everywhere = len(batch_emb) - len(queue_emb)
-                if anchors_everywhere:
-                    loss = loss * (world * len(anchors) / anchors_everywhere)
-            if self.memory_weight != 1:
-                loss = self.memory_weight * loss
-            if self.batch_weight:
-                in_batch = self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
-                loss = loss + self.batch_weight * in_batch
-            if gathered:  # the loss's own parameters averaged in backward on every rank alike
-                loss = _distributed.reaching_parameters(loss, self.loss.parameters())
-            if self._use is not None and isinstance(loss, torch.Tensor) and loss.requires_grad:
-                self._use.watch(loss)  # what the caller backpropagates
-            return loss
-        except BaseException:
+            else:
+                loss = self._memory_loss(
+                    anchors, anchor_labels, self_index, indices_tuple, enqueue_mask is None
+                )
+                if gathered and enqueue_mask is not None and reduces_by_mean(self.loss):
+                    # ranks hold different numbers of anchors: each rank's mean weighted by its
+                    # share, so that the mean over ranks is the mean over every anchor, as in one
+                    # process
+                    anchors_everywhere = len(batch_emb) - len(queue_emb)
+                    if anchors_everywhere:
+                        loss = loss * (world * len(anchors) / anchors_everywhere)
+                if self.memory_weight != 1:
+                    loss = self.memory_weight * loss
+                if self.batch_weight:
+                    in_batch = self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
+                    loss = loss + self.batch_weight * in_batch
+        except Exception as exc:
+            failure = exc
+        except BaseException:  # (an interrupt: no agreement, the other ranks are on their own)
             self._restore(undo)
             raise
+        if gathered and (indices_tuple is not None or self.miner is not None):
+            # pairs from a caller's tuple or a miner may be refused on one rank alone (a tuple
+            # whose pair the mined pairs list on the other side): every rank's outcome exchanged,
+            # so that all keep the enqueued batch or none does
+            failure = _distributed.agree_on_outcome("CrossBatchMemory", failure, embeddings)
+        if failure is not None:
+            self._restore(undo)
+            raise failure
+        if gathered:  # the loss's own parameters averaged in backward on every rank alike
+            loss = _distributed.reaching_parameters(loss, self.loss.parameters())
+        if self._use is not None and isinstance(loss, torch.Tensor) and loss.requires_grad:
+            self._use.watch(loss)  # what the caller backpropagates
+        return loss
 
     def _in_batch_loss(
         self,
