@@ -169,6 +169,21 @@ def test_bad_labels_and_embeddings(device):
         losses.AdaptiveMSLoss()(bad, y)
 
 
+@pytest.mark.parametrize("label_dtype", [torch.uint16, torch.uint32, torch.int8, torch.bool])
+def test_learned_mode_takes_labels_of_any_integer_dtype(device, label_dtype):
+    """uint16-64 labels (class ids, as the other losses take them) raised in learned mode: their
+    range check (min/max are not defined for those dtypes) and the threshold lookup (they do not
+    index)."""
+    x, y = make_batch(31, n=12, dim=6, classes=2, device=device)
+    loss = losses.AdaptiveMSLoss(epsilon=0.1, margin_mode="learned", num_classes=2).to(device)
+    want = loss(x, y)
+    (want_grad,) = torch.autograd.grad(want, loss.thresholds)
+    got = loss(x, y.to(label_dtype))
+    (got_grad,) = torch.autograd.grad(got, loss.thresholds)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
+
+
 def test_inside_cross_batch_memory_and_distributed_wrapper(device):
     xbm = losses.CrossBatchMemory(
         losses.AdaptiveMSLoss(epsilon=0.1, margin_mode="learned", margin=0.0, num_classes=6),
