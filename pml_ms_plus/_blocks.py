@@ -542,6 +542,11 @@ class PairTerms(NamedTuple):
     acc: torch.Tensor
 
 
+SOFTPLUS_LINEAR = 40.0  # softplus(z) taken as z above it (torch's default, 20, made its gradient
+# exactly 1 there while the pair weight sigmoid(z) is 1 - 2e-9 in float64; above 40, e^-z is below
+# float64's half epsilon and both are exact)
+
+
 def side_values(
     V: torch.Tensor,
     side: Side,
@@ -566,7 +571,7 @@ def side_values(
     if weighting.log_sum_exp:
         R = terms = exp_of_exponents_(z)
         return R, terms
-    return torch.sigmoid(z), F.softplus(z)
+    return torch.sigmoid(z), F.softplus(z, threshold=SOFTPLUS_LINEAR)
 
 
 def _exp_floor(dtype: torch.dtype) -> Tuple[float, float]:

@@ -863,6 +863,23 @@ def test_embeddings_that_are_not_floating_point_are_refused_everywhere(device, e
         assert torch.equal(before[key], value), key
 
 
+def test_self_weighting_gradient_is_the_pair_weight_past_softplus_default_threshold():
+    """``"self"``: dL/dS of a negative is its weight ``sigmoid(z)``. With torch's softplus
+    threshold (20) autograd gave exactly 1 for z > 20, 1.4e-11 off ``sigmoid(25)`` in float64,
+    while ``pair_weights`` gave ``sigmoid(z)``."""
+    beta, lam = 50.0, 0.5
+    S = torch.tensor([[0.2, lam + 25.0 / beta, lam + 30.0 / beta]], dtype=torch.float64, requires_grad=True)
+    pos, neg = torch.tensor([[True, False, False]]), torch.tensor([[False, True, True]])
+    t = F_ms.ms_terms(S, pos, neg, beta=beta, weighting="self")
+    (grad,) = torch.autograd.grad(t.losses.sum(), S)
+    want = torch.sigmoid(
+        torch.tensor([25.0, 30.0], dtype=torch.float64)
+    )  # by hand: (1/beta) * beta * sigmoid
+    torch.testing.assert_close(grad[0, 1:], want, rtol=0, atol=1e-15)
+    weights = F_ms.pair_weights(S.detach(), pos, neg, beta=beta, weighting="self")
+    torch.testing.assert_close(weights.neg[0, 1:], want, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize("weighting", ["ms", "relative", "self"])
 @pytest.mark.parametrize("side", ["negative_at_plus_inf", "positive_at_minus_inf"])
 def test_a_similarity_at_inf_on_the_harmful_side_gives_no_finite_loss(weighting, side):
