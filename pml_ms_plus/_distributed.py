@@ -180,15 +180,20 @@ def _average_hook(param: torch.Tensor) -> None:
         param.grad.div_(dist.get_world_size())
 
 
-def reaching_parameters(loss: torch.Tensor, params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
-    """``loss`` plus zero times each parameter that requires grad: the same value, and a graph
-    that reaches every such parameter, so that each rank's backward accumulates a gradient into
-    it and its averaging hook (:func:`average_gradients_in_backward`, an all-reduce) runs on every
-    rank -- also on a rank whose loss did not involve it (no anchors, a mining that kept no pair),
-    which would otherwise leave its peers waiting in that all-reduce."""
-    for p in params:
-        if p.requires_grad:
-            loss = loss + (p * 0).sum()
+def reaching(loss: Any, tensors: Iterable[torch.Tensor]) -> Any:
+    """``loss`` plus zero times each of ``tensors`` that requires grad (in ``loss``'s dtype): the
+    same value, and a graph that reaches every one of them, so that each rank's backward runs the
+    collectives behind them -- the averaging all-reduce of a loss's own parameters
+    (:func:`average_gradients_in_backward`), the reduce of a gathered batch's gradient
+    (:func:`all_gather` with ``grad``) -- also on a rank whose loss did not involve them (no
+    anchors; a dense loss whose mining kept no pair, PML's zero loss of the anchors alone), which
+    would otherwise leave its peers waiting there. A loss that is not a tensor (the dict of
+    ``DoNothingReducer``) is returned as it is."""
+    if not isinstance(loss, torch.Tensor):
+        return loss
+    for t in tensors:
+        if t.requires_grad:
+            loss = loss + (t * 0).sum().to(loss.dtype)
     return loss
 
 

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.distances import LpDistance
-from pytorch_metric_learning.reducers import AvgNonZeroReducer
+from pytorch_metric_learning.reducers import AvgNonZeroReducer, DoNothingReducer
 
 from pml_ms_plus import losses
 from pml_ms_plus.losses import GatheredMSLoss
@@ -141,6 +141,11 @@ def masked_batch(step):
     keep = torch.tensor([3, 9])[torch.arange(WORLD)].repeat_interleave(LOCAL)  # rows enqueued per rank
     mask = torch.arange(LOCAL).repeat(WORLD) < keep
     return x, y, mask
+
+
+def lonely_labels(rank):
+    """Rank 0: labels that occur nowhere else in the gathered batch; rank 1: pairs."""
+    return 100 + torch.arange(LOCAL) if rank == 0 else torch.arange(LOCAL) // 2
 
 
 def outcome(call):
@@ -285,6 +290,39 @@ def agreement_worker(rank):
         (grad,) = torch.autograd.grad(value, mine)
         reg.append(dict(loss=value.detach(), grad=grad))
     out["regularized"] = reg
+    # rank 0's labels nowhere else: its dense mining keeps no pair and its loss was PML's zero loss
+    # of its anchors alone, so its backward skipped the gather's all-reduce (rank 1 waited there)
+    lonely = lonely_labels(rank)
+    nopair = {}
+    for name, make in {
+        "gathered": lambda: GatheredMSLoss(losses.MSLoss(epsilon=0.1, fused=False)),
+        "warm-up": lambda: losses.CrossBatchMemory(
+            losses.MSLoss(epsilon=0.1, fused=False), DIM, memory_size=MEMORY, start_iteration=5
+        ).double(),
+    }.items():
+        fn = make()
+        mine = x.clone().requires_grad_(True)
+        value = fn(mine, lonely)
+        (grad,) = torch.autograd.grad(value, mine)
+        nopair[name] = dict(loss=value.detach(), grad=grad)
+    out["nopair"] = nopair
+    # learned thresholds under DoNothingReducer (the loss is PML's dict) and in bfloat16
+    kept = {}
+    for name, make in {
+        "gathered": lambda: GatheredMSLoss(
+            losses.AdaptiveMSLoss(margin_mode="learned", num_classes=4, reducer=DoNothingReducer()),
+            anchors="all",
+        ),
+        "memory": lambda: losses.CrossBatchMemory(
+            losses.AdaptiveMSLoss(margin_mode="learned", num_classes=4, reducer=DoNothingReducer()),
+            DIM,
+            memory_size=MEMORY,
+        ).double(),
+    }.items():
+        kept[name] = type(make()(x, y)).__name__
+    bf16 = GatheredMSLoss(losses.AdaptiveMSLoss(margin_mode="learned", num_classes=4))(x.bfloat16(), y)
+    kept["bfloat16"] = str(bf16.dtype)
+    out["kept"] = kept
     # a collapsed model's batch (every row alike, on every rank) is not taken for a gathered one
     xbm3 = losses.CrossBatchMemory(losses.MSLoss(), DIM, memory_size=MEMORY).double()
     out["collapsed"] = outcome(lambda: xbm3(torch.ones(LOCAL, DIM, dtype=torch.float64), y))
@@ -619,3 +657,31 @@ def test_a_masked_memory_with_an_embedding_regularizer_matches_one_process(saved
         torch.testing.assert_close(sum(r["loss"] for r in per_rank) / WORLD, expected.detach())
         for r, rec in enumerate(per_rank):
             torch.testing.assert_close(rec["grad"] / WORLD, expected_grad[r * LOCAL : (r + 1) * LOCAL])
+
+
+@pytest.mark.parametrize("name", ["gathered", "warm-up"])
+def test_a_rank_whose_dense_mining_keeps_no_pair_matches_one_process(saved, name):
+    """Rank 0's labels occur nowhere else: its dense loss was PML's zero loss of its own anchors,
+    whose backward never reached the gathered batch, so rank 0 skipped the all-reduce of the
+    gather's backward and rank 1 waited in it until the timeout. Now every rank's loss reaches
+    the gathered batch (times zero), and the gradients are one process's."""
+    x, _ = full_batch(0)
+    x = x.clone().requires_grad_(True)
+    y = torch.cat([lonely_labels(r) for r in range(WORLD)])
+    expected = losses.MSLoss(epsilon=0.1, fused=False)(x, y)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    per_rank = [s["agreement"]["nopair"][name] for s in saved]
+    assert float(per_rank[0]["loss"]) == 0.0
+    torch.testing.assert_close(sum(r["loss"] for r in per_rank) / WORLD, expected.detach())
+    for r, rec in enumerate(per_rank):
+        torch.testing.assert_close(rec["grad"] / WORLD, expected_grad[r * LOCAL : (r + 1) * LOCAL])
+    assert expected_grad.abs().max() > 0
+
+
+def test_learned_thresholds_keep_the_reducers_form_and_the_dtype(saved):
+    """The term that puts the thresholds in every rank's graph was added to ``DoNothingReducer``'s
+    dict (TypeError, after the memory had enqueued) and promoted a bfloat16 loss to float32."""
+    for s in saved:
+        kept = s["agreement"]["kept"]
+        assert kept["gathered"] == kept["memory"] == "dict", kept
+        assert kept["bfloat16"] == "torch.bfloat16", kept

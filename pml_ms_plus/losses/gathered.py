@@ -144,8 +144,9 @@ class GatheredMSLoss(torch.nn.Module):
                 embeddings, labels, everyone, everyone_labels, _distributed.rank()
             )
             loss = self.loss.forward_problem(problem)
-        # the loss's own parameters averaged in backward on every rank alike
-        return _distributed.reaching_parameters(loss, self.loss.parameters())
+        # every rank's backward reaches the gather and the loss's own parameters: their
+        # collectives run on every rank alike
+        return _distributed.reaching(loss, [everyone, *self.loss.parameters()])
 
     def _check_share(self, embeddings: torch.Tensor, labels: torch.Tensor, by_the_loss: bool = True) -> None:
         """This rank's share: a 2D tensor and a tensor of class ids; ``by_the_loss``: also as the

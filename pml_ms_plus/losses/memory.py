@@ -352,6 +352,10 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
                 if self.batch_weight:
                     in_batch = self._in_batch_loss(embeddings, labels, batch_emb, batch_labels, gathered)
                     loss = loss + self.batch_weight * in_batch
+            if gathered:  # every rank's backward reaches the gathered batch where the in-batch
+                # term uses it, and the loss's own parameters: their collectives run everywhere
+                in_batch_term = iteration < self.start_iteration or bool(self.batch_weight)
+                loss = _distributed.reaching(loss, [batch_emb] * in_batch_term + list(self.loss.parameters()))
         except Exception as exc:
             failure = exc
         except BaseException:  # (an interrupt: no agreement, the other ranks are on their own)
@@ -365,8 +369,6 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         if failure is not None:
             self._restore(undo)
             raise failure
-        if gathered:  # the loss's own parameters averaged in backward on every rank alike
-            loss = _distributed.reaching_parameters(loss, self.loss.parameters())
         if self._use is not None and isinstance(loss, torch.Tensor) and loss.requires_grad:
             self._use.watch(loss)  # what the caller backpropagates
         return loss
