@@ -111,6 +111,13 @@ def label_dtype(labels: Optional[torch.Tensor], name: str = "labels") -> None:
         )
 
 
+def reference_labels_given(num_anchors: int, num_refs: int, ref_labels: Optional[torch.Tensor]) -> None:
+    """PML's rule for label-defined pairs: references of another length than the anchors need
+    their own labels (of the same length, the batch's labels are theirs)."""
+    if ref_labels is None and num_refs != num_anchors:
+        raise ValueError(f"ref_labels is required: ref_emb has {num_refs} rows, embeddings {num_anchors}")
+
+
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 

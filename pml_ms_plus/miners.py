@@ -58,10 +58,8 @@ class MultiSimilarityMiner(BaseMiner):
         dropped)."""
         _checks.label_dtype(labels, "labels")
         _checks.label_dtype(ref_labels, "ref_labels")
-        if ref_emb is not None and ref_labels is None and len(ref_emb) != len(embeddings):
-            raise ValueError(
-                f"ref_labels is required: ref_emb has {len(ref_emb)} rows, embeddings {len(embeddings)}"
-            )
+        if ref_emb is not None:
+            _checks.reference_labels_given(len(embeddings), len(ref_emb), ref_labels)
         return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def mine(

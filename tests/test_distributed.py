@@ -19,6 +19,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.reducers import AvgNonZeroReducer, DoNothingReducer
+from pytorch_metric_learning.regularizers import LpRegularizer
 
 from pml_ms_plus import losses
 from pml_ms_plus.losses import GatheredMSLoss
@@ -148,6 +149,29 @@ def lonely_labels(rank):
     return 100 + torch.arange(LOCAL) if rank == 0 else torch.arange(LOCAL) // 2
 
 
+MASKED_MEMORIES = {  # name -> a fresh memory for the masked steps (the same on both sides)
+    "plain": lambda: losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).double(),
+    "regularized": lambda: losses.CrossBatchMemory(
+        losses.MSLoss(embedding_regularizer=LpRegularizer()), DIM, memory_size=MEMORY
+    ).double(),
+}
+MASKED_STEPS = 3
+
+
+def masked_steps(memory, rank):
+    """MASKED_STEPS calls of ``memory`` on this rank's share of :func:`masked_batch`: the loss and
+    the gradient of this rank's rows per step."""
+    local = slice(rank * LOCAL, (rank + 1) * LOCAL)
+    records = []
+    for step in range(MASKED_STEPS):
+        x, y, mask = masked_batch(step)
+        mine = x[local].clone().requires_grad_(True)
+        value = memory(mine, y[local], enqueue_mask=mask[local])
+        (grad,) = torch.autograd.grad(value, mine)
+        records.append(dict(loss=value.detach(), grad=grad))
+    return records
+
+
 def outcome(call):
     """``call()``'s ValueError message, or ``"no error"``."""
     try:
@@ -182,15 +206,7 @@ def agreement_worker(rank):
     rank 1 alone, labels of different integer dtypes, distinct rows that project alike."""
     out = {}
     local = slice(rank * LOCAL, (rank + 1) * LOCAL)
-    memory = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).double()
-    masked = []
-    for step in range(3):
-        x, y, mask = masked_batch(step)
-        mine = x[local].clone().requires_grad_(True)
-        value = memory(mine, y[local], enqueue_mask=mask[local])
-        (grad,) = torch.autograd.grad(value, mine)
-        masked.append(dict(loss=value.detach(), grad=grad))
-    out["masked"] = masked
+    out["masked"] = masked_steps(MASKED_MEMORIES["plain"](), rank)
     x, y = full_batch(0)
     x, y = x[local], y[local] % 4
     for case in BAD_SHARES:
@@ -277,19 +293,7 @@ def agreement_worker(rank):
         gathered=GatheredMSLoss(learned_loss)(x, wide).detach(),
     )
     # an embedding regularizer (PML then holds MultipleReducers of MeanReducers) under a mask
-    from pytorch_metric_learning.regularizers import LpRegularizer
-
-    regularized = losses.CrossBatchMemory(
-        losses.MSLoss(embedding_regularizer=LpRegularizer()), DIM, memory_size=MEMORY
-    ).double()
-    reg = []
-    for step in range(2):
-        bx, by, mask = masked_batch(step)
-        mine = bx[local].clone().requires_grad_(True)
-        value = regularized(mine, by[local], enqueue_mask=mask[local])
-        (grad,) = torch.autograd.grad(value, mine)
-        reg.append(dict(loss=value.detach(), grad=grad))
-    out["regularized"] = reg
+    out["regularized"] = masked_steps(MASKED_MEMORIES["regularized"](), rank)
     # rank 0's labels nowhere else: its dense mining keeps no pair and its loss was PML's zero loss
     # of its anchors alone, so its backward skipped the gather's all-reduce (rank 1 waited there)
     lonely = lonely_labels(rank)
@@ -491,22 +495,28 @@ def test_gathered_loss_takes_bool_labels_and_refuses_unequal_shares(saved):
         assert "equal batch sizes" in s["gathered"]["unequal"] and "[10, 11]" in s["gathered"]["unequal"]
 
 
-def test_an_enqueue_mask_that_leaves_ranks_unequal_anchors_matches_one_process(saved):
-    """Each rank's memory loss was its own anchors' mean; with an enqueue mask the ranks hold
-    different numbers of anchors (9 and 3 here), and the mean over ranks of those means is not
-    the mean over every anchor: loss and gradients differed from one process's."""
-    single = losses.CrossBatchMemory(losses.MSLoss(epsilon=0.1), DIM, memory_size=MEMORY).double()
-    for step in range(3):
+def assert_masked_steps_match_one_process(saved, key, name):
+    """The ranks' :func:`masked_steps` against one process with the whole batch and mask: the mean
+    of the ranks' losses is its loss, each rank's gradient / WORLD its gradient of those rows."""
+    single = MASKED_MEMORIES[name]()
+    for step in range(MASKED_STEPS):
         x, y, mask = masked_batch(step)
         x.requires_grad_(True)
         expected = single(x, y, enqueue_mask=mask)
         (expected_grad,) = torch.autograd.grad(expected, x)
-        per_rank = [s["agreement"]["masked"][step] for s in saved]
+        per_rank = [s["agreement"][key][step] for s in saved]
         torch.testing.assert_close(sum(r["loss"] for r in per_rank) / WORLD, expected.detach())
         for r, rec in enumerate(per_rank):
             want = expected_grad[r * LOCAL : (r + 1) * LOCAL]
             assert want.abs().max() > 0
             torch.testing.assert_close(rec["grad"] / WORLD, want)
+
+
+def test_an_enqueue_mask_that_leaves_ranks_unequal_anchors_matches_one_process(saved):
+    """Each rank's memory loss was its own anchors' mean; with an enqueue mask the ranks hold
+    different numbers of anchors (9 and 3 here), and the mean over ranks of those means is not
+    the mean over every anchor: loss and gradients differed from one process's."""
+    assert_masked_steps_match_one_process(saved, "masked", "plain")
 
 
 @pytest.mark.parametrize("case", BAD_SHARES)
@@ -643,20 +653,7 @@ def test_uint16_labels_on_one_rank_match_one_process(saved):
 def test_a_masked_memory_with_an_embedding_regularizer_matches_one_process(saved):
     """PML holds a loss with a regularizer's reducers as MultipleReducers (MeanReducers here),
     which was not taken for a mean: the masked memory's per-rank weighting was skipped."""
-    from pytorch_metric_learning.regularizers import LpRegularizer
-
-    single = losses.CrossBatchMemory(
-        losses.MSLoss(embedding_regularizer=LpRegularizer()), DIM, memory_size=MEMORY
-    ).double()
-    for step in range(2):
-        x, y, mask = masked_batch(step)
-        x.requires_grad_(True)
-        expected = single(x, y, enqueue_mask=mask)
-        (expected_grad,) = torch.autograd.grad(expected, x)
-        per_rank = [s["agreement"]["regularized"][step] for s in saved]
-        torch.testing.assert_close(sum(r["loss"] for r in per_rank) / WORLD, expected.detach())
-        for r, rec in enumerate(per_rank):
-            torch.testing.assert_close(rec["grad"] / WORLD, expected_grad[r * LOCAL : (r + 1) * LOCAL])
+    assert_masked_steps_match_one_process(saved, "regularized", "regularized")
 
 
 @pytest.mark.parametrize("name", ["gathered", "warm-up"])

@@ -254,10 +254,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         """Pairs from labels need labels, and references of another length their own labels."""
         if labels is None:
             raise ValueError("labels are required when indices_tuple is None")
-        if ref_labels is None and len(refs) != len(embeddings):
-            raise ValueError(
-                f"ref_labels is required: ref_emb has {len(refs)} rows, embeddings {len(embeddings)}"
-            )
+        _checks.reference_labels_given(len(embeddings), len(refs), ref_labels)
 
     def forward_problem(self, problem: MSProblem) -> torch.Tensor:
         """The reduced loss of a prepared :class:`MSProblem`, as ``forward`` reduces it.
