@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 
 def is_distributed() -> bool:
@@ -38,7 +39,9 @@ def _gather_parts(t: torch.Tensor) -> torch.Tensor:
 
 class _AllGatherWithGrad(torch.autograd.Function):
     """Rank-order concatenation whose backward hands every rank the sum, over all ranks, of the
-    gradients of its own rows (a reduce-scatter: NCCL's where it exists, else all-reduce + slice)."""
+    gradients of its own rows (a reduce-scatter: NCCL's where it exists, else all-reduce + slice).
+    Differentiable once: the collectives of the backward are not differentiated, so a second
+    differentiation through it (a gradient penalty) raises instead of giving wrong numbers."""
 
     @staticmethod
     def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
@@ -46,6 +49,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return _gather_parts(t.detach())
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor]:
         n, me = ctx.rows, dist.get_rank()
         grad = grad.contiguous()
@@ -178,6 +182,20 @@ def _average_hook(param: torch.Tensor) -> None:
     if param.grad is not None and is_distributed() and dist.get_world_size() > 1:
         dist.all_reduce(param.grad)
         param.grad.div_(dist.get_world_size())
+
+
+def check_reduces_to_a_tensor(who: str, loss: torch.nn.Module) -> None:
+    """Refuse (on every rank alike: the loss's configuration) a loss whose reducer hands the loss
+    dict back (PML's ``DoNothingReducer``): a rank whose loss is PML's zero loss then holds a dict
+    with no graph, and its backward would skip the collectives its peers' run (see
+    :func:`reaching`, which needs a tensor)."""
+    from pytorch_metric_learning.reducers import DoNothingReducer
+
+    if isinstance(getattr(loss, "reducer", None), DoNothingReducer):
+        raise ValueError(
+            f"{who} under torch.distributed needs a loss that reduces to a tensor, not DoNothingReducer's "
+            "dict (a rank with no pair would hold no graph, and its peers' backward would wait for it)"
+        )
 
 
 def reaching(loss: Any, tensors: Iterable[torch.Tensor]) -> Any:

@@ -310,20 +310,32 @@ def agreement_worker(rank):
         (grad,) = torch.autograd.grad(value, mine)
         nopair[name] = dict(loss=value.detach(), grad=grad)
     out["nopair"] = nopair
-    # learned thresholds under DoNothingReducer (the loss is PML's dict) and in bfloat16
+    # DoNothingReducer (the loss is PML's dict, without a graph on a rank with no pair: its peers'
+    # backward waited for it) is refused on every rank; learned thresholds keep bfloat16
     kept = {}
-    for name, make in {
-        "gathered": lambda: GatheredMSLoss(
+    xbm5 = losses.CrossBatchMemory(
+        losses.AdaptiveMSLoss(margin_mode="learned", num_classes=4, reducer=DoNothingReducer()),
+        DIM,
+        memory_size=MEMORY,
+    ).double()
+    kept["memory"] = outcome(lambda: xbm5(x, y))
+    kept["queue_idx"] = xbm5.queue_idx
+    kept["gathered"] = outcome(
+        lambda: GatheredMSLoss(
             losses.AdaptiveMSLoss(margin_mode="learned", num_classes=4, reducer=DoNothingReducer()),
             anchors="all",
-        ),
-        "memory": lambda: losses.CrossBatchMemory(
-            losses.AdaptiveMSLoss(margin_mode="learned", num_classes=4, reducer=DoNothingReducer()),
-            DIM,
-            memory_size=MEMORY,
-        ).double(),
-    }.items():
-        kept[name] = type(make()(x, y)).__name__
+        )(x, y)
+    )
+    # a second differentiation through the gather (a gradient penalty) was silently wrong
+    penalised = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(
+        GatheredMSLoss(losses.MSLoss(epsilon=0.1))(penalised, y), penalised, create_graph=True
+    )
+    try:
+        (g**2).sum().backward()
+        kept["double"] = "no error"
+    except RuntimeError as exc:
+        kept["double"] = str(exc)
     bf16 = GatheredMSLoss(losses.AdaptiveMSLoss(margin_mode="learned", num_classes=4))(x.bfloat16(), y)
     kept["bfloat16"] = str(bf16.dtype)
     out["kept"] = kept
@@ -675,10 +687,17 @@ def test_a_rank_whose_dense_mining_keeps_no_pair_matches_one_process(saved, name
     assert expected_grad.abs().max() > 0
 
 
-def test_learned_thresholds_keep_the_reducers_form_and_the_dtype(saved):
-    """The term that puts the thresholds in every rank's graph was added to ``DoNothingReducer``'s
-    dict (TypeError, after the memory had enqueued) and promoted a bfloat16 loss to float32."""
+def test_do_nothing_reducer_and_double_backward_are_refused_and_the_dtype_kept(saved):
+    """Under torch.distributed: ``DoNothingReducer``'s dict holds no graph on a rank whose mining
+    kept no pair, and its peers' backward waited for that rank (the zero term that puts the
+    gathered batch and the thresholds in every graph was even added to the dict: TypeError after
+    the memory had enqueued) -- refused on every rank, nothing enqueued; a second differentiation
+    through the gather gave wrong numbers (its all-reduce is not differentiated) -- refused; the
+    zero term promoted a bfloat16 loss to float32."""
     for s in saved:
         kept = s["agreement"]["kept"]
-        assert kept["gathered"] == kept["memory"] == "dict", kept
+        for who in ("memory", "gathered"):
+            assert "needs a loss that reduces to a tensor" in kept[who], kept
+        assert kept["queue_idx"] == 0
+        assert "once_differentiable" in kept["double"] or "differentiate twice" in kept["double"], kept
         assert kept["bfloat16"] == "torch.bfloat16", kept

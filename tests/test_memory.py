@@ -683,3 +683,13 @@ def test_two_calls_before_one_backward_with_graphs_that_hold_other_objects(devic
         (want,) = torch.autograd.grad(reference(x, y), x)
         torch.testing.assert_close(g, want, **tol(torch.float32))
     torch.testing.assert_close(ours.embedding_memory, reference.embedding_memory)
+
+
+@pytest.mark.parametrize("weights", [dict(memory_weight=0.5), dict(batch_weight=1.0)])
+def test_weights_need_a_reducer_that_reduces(weights):
+    """``memory_weight != 1`` and ``batch_weight`` weigh and add reduced losses: with the loss's
+    ``DoNothingReducer`` (a dict) the call raised ``TypeError: unsupported operand type(s)``."""
+    inner = losses.MSLoss(reducer=DoNothingReducer())
+    with pytest.raises(ValueError, match="DoNothingReducer returns the loss dict"):
+        losses.CrossBatchMemory(inner, DIM, memory_size=MEMORY, **weights)
+    losses.CrossBatchMemory(inner, DIM, memory_size=MEMORY)  # the default weights take the dict

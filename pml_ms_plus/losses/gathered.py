@@ -130,6 +130,7 @@ class GatheredMSLoss(torch.nn.Module):
         if _distributed.world_size() == 1:
             self._check_share(embeddings, labels, by_the_loss=False)  # the loss checks the rest
             return self.loss(embeddings, labels)
+        _distributed.check_reduces_to_a_tensor("GatheredMSLoss", self.loss)
         # every rank's verdict on its share first (a rank that raised alone would leave the others
         # waiting in the gather); the finite check runs on the gathered rows, alike everywhere
         error = _distributed.input_error(lambda: self._check_share(embeddings, labels))

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning.reducers import DoNothingReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
@@ -179,6 +180,11 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         _checks.non_negative("memory_weight", memory_weight)
         if gather not in ("auto", True, False):
             raise ValueError(f"gather must be 'auto', True or False, got {gather!r}")
+        if isinstance(loss.reducer, DoNothingReducer) and (memory_weight != 1 or batch_weight):
+            raise ValueError(
+                "memory_weight != 1 and batch_weight weigh and add reduced losses: the loss's "
+                "DoNothingReducer returns the loss dict (give the loss a reducer, e.g. MeanReducer)"
+            )
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner)
         self.gather = gather
         self.register_load_state_dict_pre_hook(self._label_state_hook)
@@ -289,6 +295,8 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     ) -> torch.Tensor:
         gathered = self._gathers()
         world = torch.distributed.get_world_size() if gathered else 1
+        if gathered:
+            _distributed.check_reduces_to_a_tensor("CrossBatchMemory", self.loss)
         if gathered:  # every rank's verdict first: all refuse alike, or none (see agree_on_inputs)
             error = _distributed.input_error(
                 lambda: self._check_inputs(embeddings, labels, indices_tuple, enqueue_mask, world)
