@@ -66,6 +66,24 @@ def embeddings_and_labels(
         raise ValueError(f"{name} contain NaN or inf (pass check_finite=False for NaN-in, NaN-out behaviour)")
 
 
+def batch_and_references(
+    embeddings: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    ref_emb: Optional[torch.Tensor],
+    ref_labels: Optional[torch.Tensor],
+    check_finite: bool,
+) -> None:
+    """:func:`embeddings_and_labels` of the batch and, given, of the references, whose width
+    must be the batch's."""
+    embeddings_and_labels(embeddings, labels, check_finite)
+    if ref_emb is not None:
+        embeddings_and_labels(ref_emb, ref_labels, check_finite, "ref_emb", "ref_labels")
+        if ref_emb.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_emb has width {ref_emb.shape[1]} but embeddings has width {embeddings.shape[1]}"
+            )
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every element of ``t`` is finite, in one reduction where possible.
 

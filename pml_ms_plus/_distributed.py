@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from pytorch_metric_learning.reducers import DoNothingReducer
 from torch.autograd.function import once_differentiable
 
 
@@ -164,7 +165,7 @@ def agree_on_outcome(who: str, failure: Optional[Exception], like: torch.Tensor)
     )
 
 
-def input_error(check: Callable[[], None]) -> Optional[Exception]:
+def _input_error(check: Callable[[], None]) -> Optional[Exception]:
     """The exception that ``check()`` raises (a ``ValueError`` naming the problem, or whatever
     else a check meets), or ``None``: a rank's verdict on its own input for
     :func:`agree_on_inputs`, which every rank must reach."""
@@ -173,6 +174,22 @@ def input_error(check: Callable[[], None]) -> Optional[Exception]:
     except Exception as error:  # any: a rank that raised alone would leave the others waiting
         return error
     return None
+
+
+def agree_before_gathering(
+    who: str,
+    loss: torch.nn.Module,
+    embeddings: Any,
+    check: Callable[[], None],
+    *,
+    masked: bool = False,
+    tupled: bool = False,
+) -> None:
+    """What a wrapper does before it gathers: refuse a loss that does not reduce to a tensor
+    (:func:`check_reduces_to_a_tensor`), run this rank's ``check`` of its input, and exchange the
+    verdicts (:func:`agree_on_inputs`): every rank goes on, or every rank raises."""
+    check_reduces_to_a_tensor(who, loss)
+    agree_on_inputs(who, embeddings, _input_error(check), masked=masked, tupled=tupled)
 
 
 _AVERAGED: Dict[int, "weakref.ref[torch.Tensor]"] = {}  # id -> the parameter (ids of dead ones are reused)
@@ -189,8 +206,6 @@ def check_reduces_to_a_tensor(who: str, loss: torch.nn.Module) -> None:
     dict back (PML's ``DoNothingReducer``): a rank whose loss is PML's zero loss then holds a dict
     with no graph, and its backward would skip the collectives its peers' run (see
     :func:`reaching`, which needs a tensor)."""
-    from pytorch_metric_learning.reducers import DoNothingReducer
-
     if isinstance(getattr(loss, "reducer", None), DoNothingReducer):
         raise ValueError(
             f"{who} under torch.distributed needs a loss that reduces to a tensor, not DoNothingReducer's "

@@ -238,15 +238,9 @@ def multi_similarity_loss(
     _blocks.get_weighting(weighting)
     _params(alpha, beta, base, base, weighting, epsilon)
     _checks.finite_number("base", base)
-    _checks.embeddings_and_labels(embeddings, labels, False)
-    if ref_emb is not None:
-        if ref_labels is None:
-            raise ValueError("ref_labels is required with ref_emb, one per row")
-        _checks.embeddings_and_labels(ref_emb, ref_labels, False, "ref_emb", "ref_labels")
-        if ref_emb.shape[1] != embeddings.shape[1]:
-            raise ValueError(
-                f"ref_emb has width {ref_emb.shape[1]} but embeddings has width {embeddings.shape[1]}"
-            )
+    if ref_emb is not None and ref_labels is None:
+        raise ValueError("ref_labels is required with ref_emb, one per row")
+    _checks.batch_and_references(embeddings, labels, ref_emb, ref_labels, False)
     x = embeddings.to(_blocks.compute_dtype(embeddings.dtype))
     units = _kernel.unit_rows(x)  # normalised inside the kernel (closed-form backward)
     if ref_emb is None:

@@ -69,8 +69,7 @@ class MultiSimilarityMiner(BaseMiner):
         ref_emb: torch.Tensor,
         ref_labels: Optional[torch.Tensor],
     ) -> _blocks.MinedPairs:
-        _checks.label_dtype(labels, "labels")
-        _checks.label_dtype(ref_labels, "ref_labels")
+        # (forward checked the labels; PML's forward calls this hook)
         if ref_labels is None:  # (forward checked the lengths) the batch's labels, as PML pairs them
             ref_labels = labels
         if len(embeddings) == 0 or len(ref_emb) == 0:

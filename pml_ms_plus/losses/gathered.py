@@ -56,9 +56,10 @@ class GatheredMSLoss(torch.nn.Module):
     parameters when the wrapper is built and do nothing without a process group.)
 
     Each call first checks its share (shapes, label dtypes, a learned threshold's label range)
-    and exchanges every rank's verdict with its number of rows, width and dtype (one all-gather
-    of four integers, read on the host): a bad share on any rank, or shares that differ, raise
-    a clear ``ValueError`` on every rank alike instead of mismatched collectives. Then it gathers
+    and exchanges every rank's verdict with what decides the collectives that follow (rows,
+    width, dtype, device type, whether the embeddings require grad: one all-gather of eight
+    integers, read on the host): a bad share on any rank, or shares that differ, raise a clear
+    ``ValueError`` on every rank alike instead of mismatched collectives. Then it gathers
     the embeddings and the labels (as int64: ranks may pass different integer dtypes), two
     all-gathers of ``B x D`` and ``B``.
 
@@ -130,11 +131,11 @@ class GatheredMSLoss(torch.nn.Module):
         if _distributed.world_size() == 1:
             self._check_share(embeddings, labels, by_the_loss=False)  # the loss checks the rest
             return self.loss(embeddings, labels)
-        _distributed.check_reduces_to_a_tensor("GatheredMSLoss", self.loss)
         # every rank's verdict on its share first (a rank that raised alone would leave the others
         # waiting in the gather); the finite check runs on the gathered rows, alike everywhere
-        error = _distributed.input_error(lambda: self._check_share(embeddings, labels))
-        _distributed.agree_on_inputs("GatheredMSLoss", embeddings, error)
+        _distributed.agree_before_gathering(
+            "GatheredMSLoss", self.loss, embeddings, lambda: self._check_share(embeddings, labels)
+        )
         labels = labels.to(embeddings.device).long()  # class ids; one dtype on every rank for the gather
         everyone = _distributed.all_gather(embeddings, grad=True)
         everyone_labels = _distributed.all_gather(labels)

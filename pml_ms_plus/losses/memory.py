@@ -295,16 +295,12 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     ) -> torch.Tensor:
         gathered = self._gathers()
         world = torch.distributed.get_world_size() if gathered else 1
-        if gathered:
-            _distributed.check_reduces_to_a_tensor("CrossBatchMemory", self.loss)
         if gathered:  # every rank's verdict first: all refuse alike, or none (see agree_on_inputs)
-            error = _distributed.input_error(
-                lambda: self._check_inputs(embeddings, labels, indices_tuple, enqueue_mask, world)
-            )
-            _distributed.agree_on_inputs(
+            _distributed.agree_before_gathering(
                 "CrossBatchMemory",
+                self.loss,
                 embeddings,
-                error,
+                lambda: self._check_inputs(embeddings, labels, indices_tuple, enqueue_mask, world),
                 masked=enqueue_mask is not None,
                 tupled=indices_tuple is not None,
             )
@@ -362,8 +358,10 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
                     loss = loss + self.batch_weight * in_batch
             if gathered:  # every rank's backward reaches the gathered batch where the in-batch
                 # term uses it, and the loss's own parameters: their collectives run everywhere
-                in_batch_term = iteration < self.start_iteration or bool(self.batch_weight)
-                loss = _distributed.reaching(loss, [batch_emb] * in_batch_term + list(self.loss.parameters()))
+                reached = list(self.loss.parameters())
+                if iteration < self.start_iteration or self.batch_weight:
+                    reached.append(batch_emb)
+                loss = _distributed.reaching(loss, reached)
         except Exception as exc:
             failure = exc
         except BaseException:  # (an interrupt: no agreement, the other ranks are on their own)

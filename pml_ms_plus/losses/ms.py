@@ -341,14 +341,7 @@ class MultiSimilarityLoss(pml_losses.MultiSimilarityLoss):
         they act on it (``CrossBatchMemory`` before enqueueing; under ``torch.distributed`` every
         rank's verdict is exchanged first, so that all refuse alike). ``AdaptiveMSLoss`` adds its
         label range (learned thresholds)."""
-        check = finite and self.check_finite
-        _checks.embeddings_and_labels(embeddings, labels, check)
-        if ref_emb is not None:
-            _checks.embeddings_and_labels(ref_emb, ref_labels, check, "ref_emb", "ref_labels")
-            if ref_emb.shape[1] != embeddings.shape[1]:
-                raise ValueError(
-                    f"ref_emb has width {ref_emb.shape[1]} but embeddings has width {embeddings.shape[1]}"
-                )
+        _checks.batch_and_references(embeddings, labels, ref_emb, ref_labels, finite and self.check_finite)
 
     def _check_problem(self, problem: MSProblem) -> None:
         """The checks of ``forward``, for a problem built elsewhere."""
